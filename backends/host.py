@@ -1,0 +1,50 @@
+"""Host backend: build the Relax module for this machine's CPU and run it in the Relax VM."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from qcompiler.errors import LoweringError
+
+from .lowering import to_relax
+from .targets import get_target
+
+
+def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "host"):
+    """Lower and compile the IR; returns a TVM executable (`relax.VMExecutable`)."""
+    info = get_target(target)
+    mod = to_relax(gm, example_inputs)
+    tgt = tvm.target.Target(info.tvm_target)
+    try:
+        return tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+    except Exception as e:
+        raise LoweringError(f"TVM could not compile the model for {target}: {type(e).__name__}: {e}") from e
+
+
+class HostRunner:
+    """Runs a compiled executable (or a library loaded from disk) in the Relax VM."""
+
+    def __init__(self, executable):
+        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+
+    def __call__(self, *inputs: torch.Tensor):
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy())) for x in inputs]
+        out = self.vm["main"](*args)
+        return _to_torch(out)
+
+
+def _to_torch(out):
+    if hasattr(out, "numpy"):
+        return torch.from_numpy(out.numpy())
+    return tuple(_to_torch(o) for o in out)
+
+
+def save_library(executable, path: str) -> None:
+    executable.export_library(path)
+
+
+def load_library(path: str):
+    return tvm.runtime.load_module(path)

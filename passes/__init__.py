@@ -1,0 +1,3 @@
+"""qcompiler's passes, one module per pass family; importing this package registers them."""
+
+from . import calibrate, convert, fake_quant  # noqa: F401

@@ -1,0 +1,167 @@
+"""`calibrate`: set the range of every activation quantizer from calibration batches.
+
+The float graph runs on `PassContext.calib` with activation fake-quants bypassed, and an
+observer watches what enters each one:
+
+- `minmax`: the extremes seen.
+- `percentile`: the `percentile`-th and (100 - `percentile`)-th percentiles of the values.
+- `mse`: the clipping range [alpha*lo, alpha*hi], alpha in (0, 1], that minimizes the
+  mean squared error of fake quantization on the values seen (grid search, 100 steps).
+
+Percentile and mse read a uniform sample of at most `sample` values per quantizer.
+Asymmetric: s = (hi - lo) / (qmax - qmin), z = qmin - round(lo / s), with lo <= 0 <= hi so
+that 0.0 is exact. Symmetric: s = max(|lo|, |hi|) / qmax, z = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.fx
+from tqdm.auto import tqdm
+
+from qcompiler.errors import CalibrationError
+from qcompiler.ir import as_tuple, example_inputs, get_attr_tensor, op_name
+from qcompiler.pass_manager import Pass, PassResult, register
+
+
+class Observer:
+    def __init__(self, sample: int, generator: torch.Generator):
+        self.lo, self.hi = float("inf"), float("-inf")
+        self.samples: list[torch.Tensor] = []
+        self.sample, self.gen = sample, generator
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten()
+        if x.numel() == 0:
+            return
+        self.lo, self.hi = min(self.lo, x.min().item()), max(self.hi, x.max().item())
+        if x.numel() > self.sample:
+            x = x[torch.randint(0, x.numel(), (self.sample,), generator=self.gen)]
+        self.samples.append(x)
+
+    def values(self) -> torch.Tensor:
+        v = torch.cat(self.samples)
+        if v.numel() > self.sample:
+            v = v[torch.randint(0, v.numel(), (self.sample,), generator=self.gen)]
+        return v
+
+
+def qparams(lo: float, hi: float, qmin: int, qmax: int, symmetric: bool) -> tuple[float, float]:
+    """Scale and zero point for the range [lo, hi] (extended to hold 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        scale = max(-lo, hi) / qmax
+        return max(scale, 1e-8), 0.0
+    scale = max((hi - lo) / (qmax - qmin), 1e-8)
+    zp = qmin - round(lo / scale)
+    return scale, float(min(max(zp, qmin), qmax))
+
+
+def _fq_error(v, lo, hi, qmin, qmax, symmetric) -> float:
+    s, z = qparams(lo, hi, qmin, qmax, symmetric)
+    q = torch.clamp(torch.round(v / s) + z, qmin, qmax)
+    return float(((q - z) * s - v).pow(2).mean())
+
+
+@register("calibrate")
+class Calibrate(Pass):
+    """Run calibration batches through the graph and set every activation quantizer's range
+    with an observer (minmax, percentile, mse)."""
+
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 99.99
+    batches: int = 0
+    sample: int = 65536
+    seed: int = 0
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
+        fqs = [n for n in gm.graph.nodes
+               if n.op == "call_function" and op_name(n) == "qc.fake_quant" and n.meta.get("qc", {}).get("role") == "act"]
+        if not fqs:
+            return PassResult(False, "no activation quantizers to calibrate")
+        if ctx.calib is None:
+            raise CalibrationError(
+                "calibrate needs calibration batches: pass calib=[batch, ...] to qcompiler.compile "
+                "or PassContext(calib=...); each batch is a tensor or tuple shaped like example_inputs"
+            )
+        gen = torch.Generator().manual_seed(self.seed)
+        observers = {n: Observer(self.sample, gen) for n in fqs}
+        interp = _Observing(gm, observers)
+        count = 0
+        for batch in tqdm(ctx.calib, desc="calibrate", unit="batch", leave=False):
+            args = check_batch(batch, example_inputs(gm), count, gm.meta["qc"].get("dynamic_batch", True))
+            with torch.no_grad():
+                interp.run(*args)
+            count += 1
+            if self.batches and count >= self.batches:
+                break
+        if count == 0:
+            raise CalibrationError("the calibration data is empty: give at least one batch")
+        for n, obs in observers.items():
+            self._set(gm, n, obs)
+        return PassResult(True, f"calibrated {len(fqs)} quantizers on {count} batches ({self.observer})")
+
+    def _set(self, gm, node, obs: Observer) -> None:
+        _, s_node, z_node, qmin, qmax, _ = node.args
+        sym = node.meta["qc"]["symmetric"]
+        if obs.lo > obs.hi:  # never saw a value (empty tensors)
+            obs.lo = obs.hi = 0.0
+        lo, hi = obs.lo, obs.hi
+        if self.observer == "percentile":
+            v = obs.values()
+            lo = float(torch.quantile(v, 1 - self.percentile / 100))
+            hi = float(torch.quantile(v, self.percentile / 100))
+        elif self.observer == "mse":
+            v = obs.values()
+            alphas = torch.linspace(0.01, 1.0, 100).tolist()
+            best = min(alphas, key=lambda a: _fq_error(v, a * lo, a * hi, qmin, qmax, sym))
+            lo, hi = best * lo, best * hi
+        scale, zp = qparams(lo, hi, qmin, qmax, sym)
+        get_attr_tensor(gm, s_node).fill_(scale)
+        get_attr_tensor(gm, z_node).fill_(zp)
+        node.meta["qc"].update(observed=True, range=(round(lo, 6), round(hi, 6)))
+
+
+class _Observing(torch.fx.Interpreter):
+    """Runs the graph with activation fake-quants bypassed, feeding observers."""
+
+    def __init__(self, gm, observers):
+        super().__init__(gm)
+        self.observers = observers
+
+    def run_node(self, n):
+        if n in self.observers:
+            x = self.env[n.args[0]]
+            self.observers[n].observe(x)
+            return x
+        return super().run_node(n)
+
+
+def check_batch(batch, examples: tuple, index: int, dynamic_batch: bool = True) -> tuple:
+    """A calibration batch as a tuple; its shapes (batch size aside) and dtypes must match."""
+    try:
+        args = as_tuple(batch)
+    except Exception:
+        raise CalibrationError(
+            f"calibration batch {index} is a {type(batch).__name__}; give a tensor or a tuple of tensors"
+        ) from None
+    if len(args) != len(examples):
+        raise CalibrationError(
+            f"calibration batch {index} has {len(args)} inputs, the model takes {len(examples)}"
+        )
+    for i, (a, e) in enumerate(zip(args, examples)):
+        if not isinstance(a, torch.Tensor):
+            raise CalibrationError(f"calibration batch {index}, input {i} is a {type(a).__name__}, not a tensor")
+        if a.dtype != e.dtype or a.dim() != e.dim() or tuple(a.shape[1:]) != tuple(e.shape[1:]):
+            raise CalibrationError(
+                f"calibration batch {index}, input {i} is {a.dtype}{list(a.shape)}; the model was "
+                f"traced with {e.dtype}{list(e.shape)} (only the batch size, dim 0, may differ)"
+            )
+        if not dynamic_batch and a.shape[0] != e.shape[0]:
+            raise CalibrationError(
+                f"calibration batch {index}, input {i} has batch size {a.shape[0]}, but the model traced "
+                f"only with a static batch of {e.shape[0]}: give batches of that size"
+            )
+    return args

@@ -1,0 +1,205 @@
+"""`convert`: turn the calibrated fake-quant graph into integer ops.
+
+1. Every quantized compute op becomes an integer op on int8 operands:
+     linear(F(x), Fw(W), b)  ->  dequantize(linear_int(quantize(F(x)), zx, Wq, bq), sx*sw)
+   with Wq = quantize(W) stored as int8 and bq = round(b / (sx*sw)) as int32 (conv2d and
+   matmul alike; group-wise weights use `linear_int_grouped`, which returns float).
+2. Every activation fake-quant F(x) becomes dequantize(quantize(x)) (the same function).
+3. Local rules, applied to a fixed point, make the graph integer-only between layers:
+     fold-qdq:     quantize(dequantize(q, s, z), s, z)                    -> q
+     requantize:   quantize(dequantize(acc, sa), so, zo)                  -> requantize(acc, M, sh, zo)
+     relu:         quantize(relu(dequantize(acc, sa)), so, zo)            -> requantize(..., qmin=zo)
+     hoist:        quantize(L(x))                                         -> L(quantize(x))
+   (L a layout op: flatten, reshape, view, permute, transpose, (un)squeeze)
+   where M * 2^-sh ~= sa / so per channel (`qcompiler.ops.dyadic`).
+Ops that were not quantized stay float.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from qcompiler.errors import QuantSpecError
+from qcompiler.ir import add_constant, cleanup, get_attr_tensor, op_name
+from qcompiler.ops import dyadic
+from qcompiler.pass_manager import Pass, PassResult, register
+
+Q = torch.ops.qc
+_INT_ACC = {"qc.linear_int", "qc.conv2d_int", "qc.matmul_int"}
+_LAYOUT = {"aten.flatten.using_ints", "aten.reshape", "aten.view", "aten.permute", "aten.transpose.int",
+           "aten.unsqueeze", "aten.squeeze.dim", "aten.contiguous"}
+
+
+def _err(node, msg) -> QuantSpecError:
+    e = QuantSpecError(f"convert: node {node.name}: {msg}")
+    e.node = node.name
+    return e
+
+
+def _is_act_fq(n) -> bool:
+    return isinstance(n, torch.fx.Node) and op_name(n) == "qc.fake_quant" and n.meta.get("qc", {}).get("role") == "act"
+
+
+@register("convert")
+class Convert(Pass):
+    """Replace fake-quant compute ops by integer ops (int8 operands, int32 accumulation,
+    dyadic requantization between quantized layers); weights stored as int8."""
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
+        for n in gm.graph.nodes:
+            if _is_act_fq(n) and not n.meta["qc"].get("observed"):
+                raise _err(n, "activation quantizer has no range yet: run calibrate before convert")
+        converted = [n.name for n in list(gm.graph.nodes) if n.meta.get("qc", {}).get("quantized") and self._compute(gm, n)]
+        for n in list(gm.graph.nodes):
+            if _is_act_fq(n):
+                self._split_fq(gm, n)
+        rewrites = _apply_rules(gm)
+        cleanup(gm)
+        return PassResult(bool(converted), f"{len(converted)} integer ops, {rewrites} rewrites", {"nodes": converted})
+
+    # -- step 1
+    def _compute(self, gm, node) -> bool:
+        kind = node.meta["qc"]["kind"]
+        acts = [node.args[0], node.args[1]] if kind == "matmul" else [node.args[0]]
+        if not all(_is_act_fq(a) for a in acts):
+            return False
+        with gm.graph.inserting_before(node):
+            qs = [gm.graph.call_function(Q.quantize.default, (a, *a.args[1:])) for a in acts]
+        zs = [int(get_attr_tensor(gm, a.args[2])) for a in acts]
+        ss = [float(get_attr_tensor(gm, a.args[1])) for a in acts]
+        meta = {k: v for k, v in node.meta["qc"].items() if k != "quantized"}
+        meta["source"] = node.name
+        if kind == "matmul":
+            with gm.graph.inserting_before(node):
+                acc = gm.graph.call_function(Q.matmul_int.default, (qs[0], zs[0], qs[1], zs[1]))
+            self._float_out(gm, node, acc, torch.tensor(ss[0] * ss[1], dtype=torch.float32), meta, axis=-1)
+            return True
+        w_fq = node.args[1]
+        w_node, ws_node, wz_node, wqmin, wqmax, group = w_fq.args
+        w, s_w = get_attr_tensor(gm, w_node).detach(), get_attr_tensor(gm, ws_node)
+        wq = Q.quantize(w, s_w, get_attr_tensor(gm, wz_node), wqmin, wqmax, group)
+        wq_node = add_constant(gm, f"{node.name}_wq", wq, node)
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        bias = None if bias_node is None else get_attr_tensor(gm, bias_node).detach()
+        if group:
+            with gm.graph.inserting_before(node):
+                out = gm.graph.call_function(
+                    Q.linear_int_grouped.default, (qs[0], zs[0], ss[0], wq_node, ws_node, group, bias_node))
+            out.meta["qc"] = {**meta, "compare": node.name}
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            return True
+        acc_scale = (ss[0] * s_w.double().flatten()).float()
+        bq_node = None
+        if bias is not None:
+            bq = torch.round(bias.double() / acc_scale.double())
+            if bq.abs().max() >= 2**31:
+                raise _err(node, "bias does not fit int32 at this input and weight scale")
+            bq_node = add_constant(gm, f"{node.name}_bq", bq.to(torch.int32), node)
+        with gm.graph.inserting_before(node):
+            if kind == "linear":
+                acc = gm.graph.call_function(Q.linear_int.default, (qs[0], zs[0], wq_node, bq_node))
+            else:
+                conv_args = list(node.args[3:]) + [[1, 1], [0, 0], [1, 1], 1][len(node.args) - 3:]
+                acc = gm.graph.call_function(Q.conv2d_int.default, (qs[0], zs[0], wq_node, bq_node, *conv_args))
+        axis = -1 if kind == "linear" else 1
+        scale = acc_scale if kind == "linear" else acc_scale.reshape(-1, 1, 1)
+        self._float_out(gm, node, acc, scale, meta, axis)
+        return True
+
+    def _float_out(self, gm, node, acc, scale, meta, axis):
+        acc.meta["qc"] = {**meta, "axis": axis}
+        s = add_constant(gm, f"{node.name}_acc_scale", scale, node)
+        z = add_constant(gm, f"{node.name}_acc_zp", torch.zeros_like(scale), node)
+        with gm.graph.inserting_before(node):
+            deq = gm.graph.call_function(Q.dequantize.default, (acc, s, z, 0))
+        deq.meta["qc"] = {"source": node.name, "compare": node.name}
+        node.replace_all_uses_with(deq)
+        gm.graph.erase_node(node)
+
+    # -- step 2
+    def _split_fq(self, gm, fq):
+        x, s, z, qmin, qmax, group = fq.args
+        with gm.graph.inserting_before(fq):
+            q = gm.graph.call_function(Q.quantize.default, (x, s, z, qmin, qmax, group))
+            dq = gm.graph.call_function(Q.dequantize.default, (q, s, z, group))
+        q.meta["qc"] = dict(fq.meta["qc"])
+        fq.replace_all_uses_with(dq)
+        gm.graph.erase_node(fq)
+
+
+# ---------------------------------------------------------------- rules
+
+
+def _fold_qdq(gm, n):
+    dq = n.args[0]
+    if op_name(dq) != "qc.dequantize" or dq.args[1] is not n.args[1] or dq.args[2] is not n.args[2]:
+        return None
+    src = dq.args[0]
+    while op_name(src) in _LAYOUT:  # layout ops between do not change the integer values
+        src = src.args[0]
+    if op_name(src) not in ("qc.quantize", "qc.requantize"):
+        return None
+    lo, hi = (src.args[3], src.args[4]) if op_name(src) == "qc.quantize" else (src.args[4], src.args[5])
+    return dq.args[0] if (n.args[3] <= lo and hi <= n.args[4]) else None
+
+
+def _requantize(gm, n):
+    x = n.args[0]
+    relu = op_name(x) in ("aten.relu", "aten.relu_")
+    dq = x.args[0] if relu else x
+    if op_name(dq) != "qc.dequantize" or op_name(dq.args[0]) not in _INT_ACC:
+        return None
+    acc = dq.args[0]
+    _, s_out, z_out, qmin, qmax, group = n.args
+    if group:
+        return None
+    so, zo = float(get_attr_tensor(gm, s_out)), int(get_attr_tensor(gm, z_out))
+    real = get_attr_tensor(gm, dq.args[1]).double().flatten() / so
+    try:
+        mult, shift = dyadic(real)
+    except ValueError as e:
+        raise _err(acc, str(e)) from e
+    m = add_constant(gm, f"{acc.name}_requant_mult", mult, n)
+    sh = add_constant(gm, f"{acc.name}_requant_shift", shift, n)
+    lo = max(qmin, zo) if relu else qmin
+    with gm.graph.inserting_before(n):
+        rq = gm.graph.call_function(Q.requantize.default, (acc, m, sh, zo, lo, qmax, acc.meta["qc"]["axis"]))
+    rq.meta["qc"] = {"source": acc.meta["qc"]["source"], "compare": x.name if relu else dq.meta["qc"]["compare"],
+                     "out_scale": so, "out_zp": zo, **({"relu": True} if relu else {})}
+    return rq
+
+
+def _hoist(gm, n):
+    """quantize(L(x)) -> L(quantize(x)) for a layout op L (per-tensor quantizers commute)."""
+    x = n.args[0]
+    if op_name(x) not in _LAYOUT or n.args[5] or not isinstance(x.args[0], torch.fx.Node):
+        return None
+    with gm.graph.inserting_before(n):
+        q = gm.graph.call_function(Q.quantize.default, (x.args[0], *n.args[1:]))
+        moved = gm.graph.call_function(x.target, (q, *x.args[1:]), dict(x.kwargs))
+    q.meta["qc"] = dict(n.meta.get("qc", {}))
+    return moved
+
+
+RULES = [("fold-qdq", _fold_qdq), ("requantize", _requantize), ("hoist-quantize", _hoist)]
+
+
+def _apply_rules(gm) -> int:
+    """Apply RULES to quantize nodes until none fires; returns the number of rewrites."""
+    count, changed = 0, True
+    while changed:
+        changed = False
+        for n in list(gm.graph.nodes):
+            if n.op != "call_function" or op_name(n) != "qc.quantize" or not n.users:
+                continue
+            for _, rule in RULES:
+                new = rule(gm, n)
+                if new is not None:
+                    n.replace_all_uses_with(new)
+                    gm.graph.erase_node(n)
+                    count, changed = count + 1, True
+                    break
+        gm.graph.eliminate_dead_code()
+    return count

@@ -1,0 +1,23 @@
+"""qcompiler: a quantization compiler for edge devices.
+
+    import qcompiler as qc
+    art = qc.compile(model, example_inputs, target="host", quant="w8a8", calib=batches)
+"""
+
+from . import ops  # noqa: F401  (registers the qc torch.library ops)
+from .api import Artifact, compile, load
+from .context import PassContext
+from .errors import (
+    ArtifactError, CalibrationError, LoweringError, PassError, PipelineError, QCompilerError,
+    QuantSpecError, TraceError, VerificationError,
+)
+from .ir import print_ir, trace
+from .pass_manager import Pass, PassManager, PassResult, register
+from .spec import QuantSpec
+
+__all__ = [
+    "Artifact", "compile", "load",
+    "ArtifactError", "CalibrationError", "LoweringError", "Pass", "PassContext", "PassError",
+    "PassManager", "PassResult", "PipelineError", "QCompilerError", "QuantSpec", "QuantSpecError",
+    "TraceError", "VerificationError", "print_ir", "register", "trace",
+]

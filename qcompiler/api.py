@@ -1,0 +1,127 @@
+"""The public entry points: `compile`, `Artifact`, `load`.
+
+compile = trace -> preset (or given) pipeline of passes -> backend build for the target.
+An `Artifact` runs the generated code (`art(x)`), keeps the converted IR as its bit-exact
+reference (`art.ir(x)`), reports per-layer accuracy, and saves to a folder or a `.qca` file
+(a zip of JSON, safetensors and the compiled library: no pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+
+from . import artifact_io
+from .context import PassContext
+from .errors import QCompilerError, TraceError
+from .ir import as_tuple, trace
+from .pass_manager import PassManager
+from .report import Report, build_report
+from .spec import QuantSpec
+
+
+class Artifact:
+    """A compiled model: generated code for one target plus its reference IR."""
+
+    def __init__(self, ir, library, target: str, inputs: list[dict], single_output: bool, report: Report):
+        self.ir = ir
+        self.library = library
+        self.target = target
+        self.inputs = inputs  # [{"shape": [...], "dtype": "float32"}] the code was compiled for
+        self.single_output = single_output
+        self._report = report
+        self._runner = None
+
+    def __call__(self, *inputs: torch.Tensor):
+        """Run the generated code (on the host, in-process)."""
+        self._check_inputs(inputs)
+        if self._runner is None:
+            from .backends.host import HostRunner
+
+            self._runner = HostRunner(self.library)
+        out = self._runner(*inputs)
+        return out[0] if self.single_output else out
+
+    def _check_inputs(self, inputs):
+        if len(inputs) != len(self.inputs):
+            raise QCompilerError(f"the artifact takes {len(self.inputs)} inputs, got {len(inputs)}")
+        for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
+            if not isinstance(x, torch.Tensor):
+                raise QCompilerError(f"input {i} is a {type(x).__name__}, expected a tensor")
+            if list(x.shape) != spec["shape"] or str(x.dtype).removeprefix("torch.") != spec["dtype"]:
+                raise QCompilerError(
+                    f"input {i} is {x.dtype}{list(x.shape)}; the code was compiled for "
+                    f"{spec['dtype']}{spec['shape']}: compile again with example inputs of this shape"
+                )
+
+    def report(self) -> Report:
+        return self._report
+
+    def save(self, path: str) -> None:
+        """Save to a folder, or to a single `.qca` file when the path ends in .qca."""
+        artifact_io.save(self, path)
+
+
+def load(path: str) -> Artifact:
+    """Load an artifact saved with `Artifact.save` (folder or .qca file)."""
+    return artifact_io.load(path, Artifact)
+
+
+def _load_model(model):
+    """A model given as a path: a torch.export file (.pt2)."""
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise TraceError(f"model file {path!r} does not exist")
+    if path.endswith(".onnx"):
+        raise TraceError(f"{path}: ONNX input is not supported yet; export the model with torch.export.save (.pt2)")
+    try:
+        ep = torch.export.load(path)
+    except Exception as e:
+        raise TraceError(f"{path} is not a readable torch.export file (.pt2): {type(e).__name__}: {e}") from e
+    examples = ep.example_inputs[0] if ep.example_inputs else None
+    return ep.module(), examples
+
+
+def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", calib=None,
+            pipeline: str | None = None, ctx: PassContext | None = None) -> Artifact:
+    """Quantize `model` and compile it for `target`.
+
+    model: a torch.nn.Module, or the path of a torch.export file (.pt2).
+    example_inputs: a tensor or tuple of tensors; the generated code is specialized to
+        their shapes (the IR keeps the batch dimension dynamic).
+    quant: a recipe string ("w8a8", "w4a8", "w4a8g64") or a QuantSpec.
+    calib: calibration batches (tensors or tuples shaped like example_inputs).
+    pipeline: pass-pipeline text; overrides the recipe.
+    ctx: a PassContext for debug options (print_ir_after, dump_dir, ...).
+    """
+    from .backends.host import build
+
+    if isinstance(model, (str, os.PathLike)):
+        model, stored = _load_model(model)
+        example_inputs = example_inputs if example_inputs is not None else stored
+    if example_inputs is None:
+        raise TraceError("compile needs example_inputs (a tensor or a tuple of tensors)")
+    example_inputs = as_tuple(example_inputs)
+    text = pipeline if pipeline is not None else QuantSpec.parse(quant).pipeline()
+    pm = PassManager.parse(text)  # bad pipeline text fails before any tracing
+    float_ir = trace(model, example_inputs)
+    ir = copy.deepcopy(float_ir)
+    ctx = ctx or PassContext()
+    ctx.target = target
+    if ctx.calib is None:
+        ctx.calib = calib
+    if ctx.calib is None:
+        warnings.warn("no calibration data given: activation ranges come from the example inputs alone; "
+                      "pass calib=[batch, ...] with representative data", stacklevel=2)
+        ctx.calib = [example_inputs]
+    ctx.calib = list(ctx.calib)
+    pm.run(ir, ctx)
+    library = build(ir, example_inputs, target)
+    with torch.no_grad():
+        ref_out = ir(*example_inputs)
+    report = build_report(float_ir, ir, as_tuple(ctx.calib[0]), target, str(pm), ctx.timings)
+    inputs = [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in example_inputs]
+    return Artifact(ir, library, target, inputs, isinstance(ref_out, torch.Tensor), report)

@@ -1,0 +1,48 @@
+"""Every user-facing failure of qcompiler is a `QCompilerError`.
+
+Each subclass names one class of bad input; the message says what is wrong (the node, op,
+option or file at fault) and what would work instead. The original exception, where there
+is one, is chained as `__cause__`.
+"""
+
+
+class QCompilerError(Exception):
+    """Base class of every error qcompiler raises on purpose."""
+
+
+class PipelineError(QCompilerError):
+    """Pipeline text or pass options that do not parse or name nothing that exists."""
+
+
+class QuantSpecError(QCompilerError):
+    """A quantization recipe or option outside what qcompiler supports (e.g. bits not in 2..8)."""
+
+
+class TraceError(QCompilerError):
+    """torch.export could not trace the model."""
+
+
+class CalibrationError(QCompilerError):
+    """Calibration data that does not fit the model's example inputs."""
+
+
+class PassError(QCompilerError):
+    """A pass failed: carries the pass, the passes before it and the node at fault."""
+
+    def __init__(self, message, *, pass_name=None, before=(), node=None):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.before = tuple(before)
+        self.node = node
+
+
+class VerificationError(QCompilerError):
+    """The IR is malformed after a pass (shapes no longer trace, a `qc` op is ill-formed)."""
+
+
+class LoweringError(QCompilerError):
+    """An op or dtype the backend cannot lower, or a target build failure."""
+
+
+class ArtifactError(QCompilerError):
+    """A compiled artifact that is missing, truncated, corrupt or of an unknown version."""
