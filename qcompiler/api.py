@@ -17,7 +17,7 @@ import torch
 from . import artifact_io
 from .context import PassContext
 from .errors import QCompilerError, TraceError
-from .ir import as_tuple, trace
+from .ir import as_tuple, drop_input_guards, trace
 from .pass_manager import PassManager
 from .report import Report, build_report
 from .spec import QuantSpec
@@ -70,7 +70,7 @@ def load(path: str) -> Artifact:
     return artifact_io.load(path, Artifact)
 
 
-def _load_model(model):
+def load_model_file(model):
     """A model given as a path: a torch.export file (.pt2)."""
     path = os.fspath(model)
     if not os.path.exists(path):
@@ -82,7 +82,9 @@ def _load_model(model):
     except Exception as e:
         raise TraceError(f"{path} is not a readable torch.export file (.pt2): {type(e).__name__}: {e}") from e
     examples = ep.example_inputs[0] if ep.example_inputs else None
-    return ep.module(), examples
+    module = ep.module()
+    drop_input_guards(module)  # the file's static batch size must not pin the new trace
+    return module, examples
 
 
 def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", calib=None,
@@ -100,7 +102,7 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
     from .backends.host import build
 
     if isinstance(model, (str, os.PathLike)):
-        model, stored = _load_model(model)
+        model, stored = load_model_file(model)
         example_inputs = example_inputs if example_inputs is not None else stored
     if example_inputs is None:
         raise TraceError("compile needs example_inputs (a tensor or a tuple of tensors)")

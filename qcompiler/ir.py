@@ -55,7 +55,10 @@ def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True)
     for i, a in enumerate(args):
         if not isinstance(a, torch.Tensor):
             raise TraceError(f"example input {i} is a {type(a).__name__}; pass tensors only")
-    model = model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # modules unflattened from torch.export refuse eval(); they are
+        pass  # already in inference form
     ep, dynamic = None, False
     if dynamic_batch and all(a.dim() > 0 for a in args):
         # A batch of 1 would be specialized by torch.export (0/1 specialization): trace at 2.
@@ -77,8 +80,22 @@ def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True)
                 "and return only tensors; see torch.export's error above for the exact line."
             ) from e
     gm = ep.module()
+    drop_input_guards(gm)
+    dynamic = dynamic and all(isinstance(n.meta["val"].shape[0], torch.SymInt) for n in placeholders(gm))
     gm.meta["qc"] = {"example_inputs": tuple(a.detach().clone() for a in args), "dynamic_batch": dynamic}
     return gm
+
+
+def drop_input_guards(gm: torch.fx.GraphModule) -> None:
+    """Remove torch.export's `_guards_fn` input checks: a model loaded from a static .pt2
+    carries its old batch-size guard into the new trace. qcompiler checks its inputs itself
+    (`calibrate.check_batch`, `Artifact.__call__`)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn":
+            gm.graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
 
 
 def example_inputs(gm: torch.fx.GraphModule) -> tuple:

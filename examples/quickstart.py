@@ -1,0 +1,59 @@
+"""Quickstart: train a small CNN on scikit-learn's 8x8 digits, quantize it to W8A8 and W4A8,
+compile it for this machine with TVM, and compare accuracy on the held-out split.
+
+Columns: the float model; the converted IR run in torch (`art.ir`, the bit-exact reference
+of the generated code); the generated code itself (`art`). The last two should agree.
+
+    python examples/quickstart.py        (what `make demo` runs)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no calibration progress bar in the demo output
+
+import torch  # noqa: E402
+
+import qcompiler as qc  # noqa: E402
+from qcompiler import zoo  # noqa: E402
+
+# torch.export's deepcopy of pytree specs warns about a deprecation inside torch itself.
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*LeafSpec")
+
+BATCH = 64  # the generated code is specialized to this batch size
+RECIPES = ("w8a8", "w4a8")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = zoo.digits()
+    model = zoo.train_classifier(zoo.DigitsCNN(), x_train, y_train)
+    calib = list(x_train[: 8 * BATCH].split(BATCH))  # 8 calibration batches from the training split
+    n_eval = len(x_test) // BATCH * BATCH  # every column sees the same whole batches
+
+    rows = [("model", "float", "IR (torch)", "compiled (TVM)")]
+    float_acc = zoo.accuracy(model, x_test, y_test, BATCH)
+    arts = {}
+    for recipe in RECIPES:
+        art = qc.compile(model, x_train[:BATCH], target="host", quant=recipe, calib=calib)
+        arts[recipe] = art
+        rows.append((f"DigitsCNN {recipe}", f"{float_acc:.2%}",
+                     f"{zoo.accuracy(art.ir, x_test, y_test, BATCH):.2%}",
+                     f"{zoo.accuracy(art, x_test, y_test, BATCH):.2%}"))
+
+    print(f"digits test accuracy ({n_eval} of {len(x_test)} held-out images, batches of {BATCH})\n")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+    for recipe, art in arts.items():
+        print(f"\n{recipe} compile report")
+        print(art.report())
+
+
+if __name__ == "__main__":
+    main()
