@@ -165,15 +165,18 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple) -> tvm.IRModule:
     except LoweringError:
         raise
     except Exception as e:
-        raise LoweringError(_unsupported_message(ep, e)) from e
+        raise LoweringError(_unsupported_message(gm, e)) from e
 
 
-def _unsupported_message(ep, e: Exception) -> str:
+def _unsupported_message(gm, e: Exception) -> str:
     text = str(e)
-    missing = sorted({line.split("Unsupported function types")[-1].strip(" :[]")
-                      for line in text.splitlines() if "Unsupported function types" in line})
+    missing = {name.strip(" '\"") for line in text.splitlines() if "Unsupported function types" in line
+               for name in line.split("Unsupported function types")[-1].strip(" :[]").split(",")}
     if missing:
-        return (f"the TVM backend cannot lower these ops: {', '.join(missing)}. Keep the layers that use "
+        where = [f"{n.target.__name__} (node {n.name})" for n in gm.graph.nodes
+                 if n.op == "call_function" and getattr(n.target, "__name__", "") in missing]
+        names = ", ".join(where or sorted(missing))
+        return (f"the TVM backend cannot lower these ops: {names}. Keep the layers that use "
                 "them out of the model, or rewrite them with supported ATen ops (linear, conv2d, "
                 "matmul, elementwise, softmax, layer_norm, ...)")
     return f"lowering to TVM Relax failed: {type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"

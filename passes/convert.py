@@ -10,7 +10,8 @@
      requantize:   quantize(dequantize(acc, sa), so, zo)                  -> requantize(acc, M, sh, zo)
      relu:         quantize(relu(dequantize(acc, sa)), so, zo)            -> requantize(..., qmin=zo)
      hoist:        quantize(L(x))                                         -> L(quantize(x))
-   (L a layout op: flatten, reshape, view, permute, transpose, (un)squeeze)
+   (L a layout op: flatten, reshape, view, permute, transpose, (un)squeeze; or max-pooling,
+   since quantization is monotonic)
    where M * 2^-sh ~= sa / so per channel (`qcompiler.ops.dyadic`).
 Ops that were not quantized stay float.
 """
@@ -29,6 +30,8 @@ Q = torch.ops.qc
 _INT_ACC = {"qc.linear_int", "qc.conv2d_int", "qc.matmul_int"}
 _LAYOUT = {"aten.flatten.using_ints", "aten.reshape", "aten.view", "aten.permute", "aten.transpose.int",
            "aten.unsqueeze", "aten.squeeze.dim", "aten.contiguous"}
+# ops that commute with a per-tensor quantizer: layout ops, and max-pooling (q is monotonic)
+_COMMUTING = _LAYOUT | {"aten.max_pool2d"}
 
 
 def _err(node, msg) -> QuantSpecError:
@@ -137,7 +140,7 @@ def _fold_qdq(gm, n):
     if op_name(dq) != "qc.dequantize" or dq.args[1] is not n.args[1] or dq.args[2] is not n.args[2]:
         return None
     src = dq.args[0]
-    while op_name(src) in _LAYOUT:  # layout ops between do not change the integer values
+    while op_name(src) in _COMMUTING:  # these keep values on the same integer grid
         src = src.args[0]
     if op_name(src) not in ("qc.quantize", "qc.requantize"):
         return None
@@ -172,9 +175,9 @@ def _requantize(gm, n):
 
 
 def _hoist(gm, n):
-    """quantize(L(x)) -> L(quantize(x)) for a layout op L (per-tensor quantizers commute)."""
+    """quantize(L(x)) -> L(quantize(x)) for L a layout op or max-pooling."""
     x = n.args[0]
-    if op_name(x) not in _LAYOUT or n.args[5] or not isinstance(x.args[0], torch.fx.Node):
+    if op_name(x) not in _COMMUTING or n.args[5] or not isinstance(x.args[0], torch.fx.Node):
         return None
     with gm.graph.inserting_before(n):
         q = gm.graph.call_function(Q.quantize.default, (x.args[0], *n.args[1:]))

@@ -116,8 +116,10 @@ def propagate_shapes(gm: torch.fx.GraphModule) -> None:
     try:
         if mode is not None:
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
-        else:
-            FakeTensorProp(gm).propagate(*example_inputs(gm))
+        else:  # a graph rebuilt from a file has no fake inputs: use the concrete examples
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs(gm))
     except Exception as e:
         raise VerificationError(f"the IR no longer traces: {type(e).__name__}: {e}") from e
 

@@ -88,6 +88,16 @@ def _layer_value(n: torch.fx.Node, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _is_float_compute(n: torch.fx.Node) -> bool:
+    """An ATen op computing on floats (layout ops aside): what stayed unquantized."""
+    if n.op != "call_function" or not op_name(n).startswith("aten."):
+        return False
+    if ".".join(op_name(n).split(".")[:2]) in _LAYOUT_OPS:
+        return False
+    val = n.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point
+
+
 def build_report(float_ir, ir, batch: tuple, target: str, pipeline: str, timings=()) -> Report:
     """Measure per-layer and output SQNR of `ir` against `float_ir` on one batch."""
     compared = [n for n in ir.graph.nodes if n.meta.get("qc", {}).get("compare")]
@@ -112,7 +122,5 @@ def build_report(float_ir, ir, batch: tuple, target: str, pipeline: str, timings
         })
     flat = lambda o: [o] if isinstance(o, torch.Tensor) else [t for x in o for t in flat(x)]  # noqa: E731
     outs = [sqnr_db(a, b) for a, b in zip(flat(f_out), flat(q_out))]
-    float_ops = Counter(op_name(n) for n in ir.graph.nodes
-                        if n.op == "call_function" and op_name(n).startswith("aten.")
-                        and op_name(n).split(".")[0] + "." + op_name(n).split(".")[1] not in _LAYOUT_OPS)
+    float_ops = Counter(op_name(n) for n in ir.graph.nodes if _is_float_compute(n))
     return Report(target, pipeline, layers, dict(float_ops), outs, [list(t) for t in timings])
