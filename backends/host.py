@@ -10,14 +10,14 @@ from tvm import relax
 from qcompiler.errors import LoweringError
 
 from .lowering import to_relax
-from .targets import get_target
+from .targets import get_target, tvm_target
 
 
 def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "host"):
     """Lower and compile the IR; returns a TVM executable (`relax.VMExecutable`)."""
     info = get_target(target)
     mod = to_relax(gm, example_inputs)
-    tgt = tvm.target.Target(info.tvm_target)
+    tgt = tvm.target.Target(tvm_target(info))
     try:
         return tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
     except Exception as e:

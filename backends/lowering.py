@@ -11,8 +11,11 @@ TVM's default pipeline for the target then fuses each accumulation with its requ
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import tvm
-from tvm import relax
+from tvm import relax, te
 from tvm.relax.frontend.torch import from_exported_program
 
 import torch
@@ -79,17 +82,38 @@ def convert_dequantize(node, imp):
     return _dequantize(imp, q, s, z)
 
 
+def _dot_te(a, b, za: int, zb: int):
+    """acc[..., i, j] = sum_k (a[..., i, k] - za) * (b[..., j, k] - zb) in int32: both operands
+    read along k, so the inner loop is contiguous and vectorizes."""
+    k = te.reduce_axis((0, a.shape[-1]), "k")
+    widen = lambda t, idx, z: t[idx].astype("int32") - z if z else t[idx].astype("int32")  # noqa: E731
+    return te.compute(
+        (*a.shape[:-1], b.shape[-2]),
+        lambda *i: te.sum(widen(a, (*i[:-1], k), za) * widen(b, (*i[:-2], i[-1], k), zb), axis=k),
+        name="dot_int",
+    )
+
+
 def convert_linear_int(node, imp):
     x, zx, w, b = _args(node, imp)
-    x32 = _int32_minus(imp, x, zx)
-    wt = _emit(imp, R.permute_dims(R.astype(w, "int32"), [1, 0]))
-    acc = _emit(imp, R.matmul(x32, wt, out_dtype="int32"))
-    return _emit(imp, R.add(acc, b)) if b is not None else acc
+    shape = _static_shape(node.args[0])
+    rows = math.prod(shape[:-1])
+    n = _static_shape(node.args[2])[0]
+    x2 = _emit(imp, R.reshape(x, [rows, shape[-1]]))
+    acc = imp.block_builder.emit_te(_dot_te, x2, w, zx, 0)
+    if b is not None:
+        acc = _emit(imp, R.add(acc, b))
+    return _emit(imp, R.reshape(acc, [*shape[:-1], n]))
 
 
 def convert_matmul_int(node, imp):
     a, za, b, zb = _args(node, imp)
-    return _emit(imp, R.matmul(_int32_minus(imp, a, za), _int32_minus(imp, b, zb), out_dtype="int32"))
+    sa, sb = _static_shape(node.args[0]), _static_shape(node.args[2])
+    batch = list(torch.broadcast_shapes(tuple(sa[:-2]), tuple(sb[:-2])))
+    a = _emit(imp, R.broadcast_to(a, [*batch, *sa[-2:]])) if list(sa[:-2]) != batch else a
+    b = _emit(imp, R.broadcast_to(b, [*batch, *sb[-2:]])) if list(sb[:-2]) != batch else b
+    bt = _emit(imp, R.permute_dims(b, [*range(len(batch)), len(batch) + 1, len(batch)]))
+    return imp.block_builder.emit_te(_dot_te, a, bt, za, zb)
 
 
 def convert_conv2d_int(node, imp):
@@ -161,7 +185,9 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple) -> tvm.IRModule:
     except Exception as e:
         raise LoweringError(f"the IR does not export at the example shapes: {type(e).__name__}: {e}") from e
     try:
-        return from_exported_program(ep, custom_convert_map=CONVERT_MAP)
+        with warnings.catch_warnings():  # torch's own deprecation notices from its decompositions
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            return from_exported_program(ep, custom_convert_map=CONVERT_MAP)
     except LoweringError:
         raise
     except Exception as e:

@@ -15,9 +15,22 @@ class TargetInfo:
     description: str
 
 
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. znver3, skylake-avx512)."""
+    import tvm.target.codegen
+
+    return tvm.target.codegen.llvm_get_system_cpu()
+
+
 TARGETS = {
-    "host": TargetInfo("host", {"kind": "llvm"}, "in-process Relax VM", "this machine's CPU (x86-64 llvm)"),
+    "host": TargetInfo("host", {"kind": "llvm", "mcpu": "<host>"}, "in-process Relax VM",
+                       "this machine's CPU (llvm with -mcpu of this machine, so its vector units are used)"),
 }
+
+
+def tvm_target(info: TargetInfo) -> dict:
+    """The TVM target dict, with '<host>' resolved to this machine's CPU."""
+    return {k: (host_cpu() if v == "<host>" else v) for k, v in info.tvm_target.items()}
 
 
 def get_target(name: str) -> TargetInfo:

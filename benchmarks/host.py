@@ -18,12 +18,10 @@ import os
 # Threading must be fixed before torch and TVM start their thread pools.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TVM_NUM_THREADS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # no calibration progress bars in the table output
 
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,8 +32,6 @@ from qcompiler import zoo  # noqa: E402
 from qcompiler.backends.host import HostRunner  # noqa: E402
 from qcompiler.report import sqnr_db  # noqa: E402
 
-# torch.export's deepcopy of pytree specs warns about a deprecation inside torch itself.
-warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*LeafSpec")
 
 WARMUP, RUNS = 10, 100
 BATCH = 16  # classifiers; the generated code is specialized to this batch size

@@ -8,9 +8,7 @@ reproduces the IR exactly.
 from __future__ import annotations
 
 import os
-import warnings
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # no calibration progress bar
 
 import torch  # noqa: E402
 
@@ -22,8 +20,6 @@ from qcompiler.passes.convert import Convert  # noqa: E402
 from qcompiler.passes.fake_quant import FakeQuant  # noqa: E402
 from qcompiler.report import sqnr_db  # noqa: E402
 
-# torch.export's deepcopy of pytree specs warns about a deprecation inside torch itself.
-warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*LeafSpec")
 
 TEXT = "fake-quant(w=8,a=8),calibrate(observer=mse),convert"
 

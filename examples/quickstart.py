@@ -10,17 +10,13 @@ of the generated code); the generated code itself (`art`). The last two should a
 from __future__ import annotations
 
 import os
-import warnings
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # no calibration progress bar in the demo output
 
 import torch  # noqa: E402
 
 import qcompiler as qc  # noqa: E402
 from qcompiler import zoo  # noqa: E402
 
-# torch.export's deepcopy of pytree specs warns about a deprecation inside torch itself.
-warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*LeafSpec")
 
 BATCH = 64  # the generated code is specialized to this batch size
 RECIPES = ("w8a8", "w4a8")

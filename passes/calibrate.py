@@ -90,7 +90,7 @@ class Calibrate(Pass):
         observers = {n: Observer(self.sample, gen) for n in fqs}
         interp = _Observing(gm, observers)
         count = 0
-        for batch in tqdm(ctx.calib, desc="calibrate", unit="batch", leave=False):
+        for batch in tqdm(ctx.calib, desc="calibrate", unit="batch", leave=False, disable=None):
             args = check_batch(batch, example_inputs(gm), count, gm.meta["qc"].get("dynamic_batch", True))
             with torch.no_grad():
                 interp.run(*args)

@@ -96,7 +96,7 @@ class FakeQuant(Pass):
             w_bits, a_bits = ann.get("w_bits", self.w), ann.get("a_bits", self.a)
             group = self.group if (self.granularity == "group" and kind == "linear") else 0
             if w_pos is not None:
-                self._quantize_weight(gm, node, w_pos, w_bits, group)
+                group = self._quantize_weight(gm, node, w_pos, w_bits, group)
             for pos in act_pos:
                 key = (node.args[pos], a_bits, self.a_symmetric)
                 if key not in act_quantizers:
@@ -114,8 +114,8 @@ class FakeQuant(Pass):
     def _quantize_weight(self, gm, node, pos, bits, group):
         w_node = node.args[pos]
         w = get_attr_tensor(gm, w_node).detach()
-        if group and w.dim() != 2:
-            group = 0
+        if group and (w.dim() != 2 or group >= w.shape[1]):
+            group = 0  # one group spanning the row is per-channel quantization
         scale = weight_scale(w, bits, group)
         qmin, qmax = weight_grid(bits)
         s = add_constant(gm, f"{node.name}_w_scale", scale, node)
@@ -124,6 +124,7 @@ class FakeQuant(Pass):
             fq = gm.graph.call_function(torch.ops.qc.fake_quant.default, (w_node, s, z, qmin, qmax, group))
         fq.meta["qc"] = {"role": "weight", "bits": bits, "group_size": group, "source": node.name}
         node.update_arg(pos, fq)
+        return group
 
     def _act_quantizer(self, gm, x, bits, consumer):
         qmin, qmax = act_grid(bits, self.a_symmetric)

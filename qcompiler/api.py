@@ -8,7 +8,6 @@ reference (`art.ir(x)`), reports per-layer accuracy, and saves to a folder or a 
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 
@@ -17,7 +16,7 @@ import torch
 from . import artifact_io
 from .context import PassContext
 from .errors import QCompilerError, TraceError
-from .ir import as_tuple, drop_input_guards, trace
+from .ir import as_tuple, copy_ir, drop_input_guards, trace
 from .pass_manager import PassManager
 from .report import Report, build_report
 from .spec import QuantSpec
@@ -110,7 +109,7 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
     text = pipeline if pipeline is not None else QuantSpec.parse(quant).pipeline()
     pm = PassManager.parse(text)  # bad pipeline text fails before any tracing
     float_ir = trace(model, example_inputs)
-    ir = copy.deepcopy(float_ir)
+    ir = copy_ir(float_ir)
     ctx = ctx or PassContext()
     ctx.target = target
     if ctx.calib is None:

@@ -7,12 +7,11 @@ crash reproducer that saves the input IR and the pipeline text when a pass fails
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
 
-from .ir import print_ir, verify
+from .ir import copy_ir, print_ir, verify
 
 
 class Instrument:
@@ -88,7 +87,7 @@ class Reproducer(Instrument):
         self.index = 0
 
     def before_pass(self, p, gm, ctx):
-        self.saved = copy.deepcopy(gm)
+        self.saved = copy_ir(gm)
 
     def after_pass(self, p, gm, ctx, result):
         self.index += 1

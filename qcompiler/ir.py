@@ -17,7 +17,9 @@ verifier's check that the graph still traces.
 
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 
 import torch
 import torch.fx
@@ -96,6 +98,13 @@ def drop_input_guards(gm: torch.fx.GraphModule) -> None:
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     gm.recompile()
+
+
+def copy_ir(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of the IR (meta included)."""
+    with warnings.catch_warnings():  # torch's pytree spec pickling warns about its own LeafSpec
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return copy.deepcopy(gm)
 
 
 def example_inputs(gm: torch.fx.GraphModule) -> tuple:
