@@ -13,10 +13,11 @@ from .lowering import to_relax
 from .targets import get_target, tvm_target
 
 
-def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "host"):
-    """Lower and compile the IR; returns a TVM executable (`relax.VMExecutable`)."""
+def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "host", dynamic_batch: bool = False):
+    """Lower and compile the IR; returns a TVM executable (`relax.VMExecutable`). The code is
+    specialized to the example shapes, or takes any batch size with `dynamic_batch`."""
     info = get_target(target)
-    mod = to_relax(gm, example_inputs)
+    mod = to_relax(gm, example_inputs, dynamic_batch)
     tgt = tvm.target.Target(tvm_target(info))
     try:
         return tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))

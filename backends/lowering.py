@@ -37,8 +37,9 @@ def _args(node, imp):
     return args
 
 
-def _static_shape(node) -> list[int]:
-    return [int(d) for d in node.meta["val"].shape]
+def _shape(imp, expr) -> list:
+    """The shape of a Relax tensor expression: ints where static, PrimExprs where symbolic."""
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in imp.shape_of(expr).values]
 
 
 def _int32_minus(imp, x, zp: int):
@@ -82,38 +83,51 @@ def convert_dequantize(node, imp):
     return _dequantize(imp, q, s, z)
 
 
-def _dot_te(a, b, za: int, zb: int):
-    """acc[..., i, j] = sum_k (a[..., i, k] - za) * (b[..., j, k] - zb) in int32: both operands
-    read along k, so the inner loop is contiguous and vectorizes."""
+def _dot_te(a, b, za: int, zb: int, b_batched: bool):
+    """acc[..., i, j] = sum_k (a[..., i, k] - za) * (b[..., j, k] - zb) in int32 (b is 2-D
+    [N, K] unless `b_batched`): both operands are read along k, so the inner loop is
+    contiguous and vectorizes."""
     k = te.reduce_axis((0, a.shape[-1]), "k")
-    widen = lambda t, idx, z: t[idx].astype("int32") - z if z else t[idx].astype("int32")  # noqa: E731
-    return te.compute(
-        (*a.shape[:-1], b.shape[-2]),
-        lambda *i: te.sum(widen(a, (*i[:-1], k), za) * widen(b, (*i[:-2], i[-1], k), zb), axis=k),
-        name="dot_int",
-    )
+
+    def widen(t, idx, z):
+        v = t[idx].astype("int32")
+        return v - z if z else v
+
+    def body(*i):
+        b_idx = (*i[:-2], i[-1], k) if b_batched else (i[-1], k)
+        return te.sum(widen(a, (*i[:-1], k), za) * widen(b, b_idx, zb), axis=k)
+
+    return te.compute((*a.shape[:-1], b.shape[-2]), body, name="dot_int")
 
 
 def convert_linear_int(node, imp):
     x, zx, w, b = _args(node, imp)
-    shape = _static_shape(node.args[0])
-    rows = math.prod(shape[:-1])
-    n = _static_shape(node.args[2])[0]
-    x2 = _emit(imp, R.reshape(x, [rows, shape[-1]]))
-    acc = imp.block_builder.emit_te(_dot_te, x2, w, zx, 0)
-    if b is not None:
-        acc = _emit(imp, R.add(acc, b))
-    return _emit(imp, R.reshape(acc, [*shape[:-1], n]))
+    acc = imp.block_builder.emit_te(_dot_te, x, w, zx, 0, False)
+    return _emit(imp, R.add(acc, b)) if b is not None else acc
+
+
+def _same_dim(d, e) -> bool:
+    if isinstance(d, int) or isinstance(e, int):
+        return d == e
+    return d.same_as(e)
+
+
+def _broadcast_batch(imp, t, batch: list):
+    shape = _shape(imp, t)
+    if len(shape) - 2 == len(batch) and all(_same_dim(d, e) for d, e in zip(shape, batch)):
+        return t
+    return _emit(imp, R.broadcast_to(t, [*batch, *shape[-2:]]))
 
 
 def convert_matmul_int(node, imp):
     a, za, b, zb = _args(node, imp)
-    sa, sb = _static_shape(node.args[0]), _static_shape(node.args[2])
-    batch = list(torch.broadcast_shapes(tuple(sa[:-2]), tuple(sb[:-2])))
-    a = _emit(imp, R.broadcast_to(a, [*batch, *sa[-2:]])) if list(sa[:-2]) != batch else a
-    b = _emit(imp, R.broadcast_to(b, [*batch, *sb[-2:]])) if list(sb[:-2]) != batch else b
-    bt = _emit(imp, R.permute_dims(b, [*range(len(batch)), len(batch) + 1, len(batch)]))
-    return imp.block_builder.emit_te(_dot_te, a, bt, za, zb)
+    sa, sb = _shape(imp, a)[:-2], _shape(imp, b)[:-2]
+    width = max(len(sa), len(sb))
+    sa, sb = [1] * (width - len(sa)) + sa, [1] * (width - len(sb)) + sb
+    batch = [db if (isinstance(da, int) and da == 1) else da for da, db in zip(sa, sb)]
+    a, b = _broadcast_batch(imp, a, batch), _broadcast_batch(imp, b, batch)
+    bt = _emit(imp, R.permute_dims(b, [*range(width), width + 1, width]))
+    return imp.block_builder.emit_te(_dot_te, a, bt, za, zb, True)
 
 
 def convert_conv2d_int(node, imp):
@@ -128,21 +142,19 @@ def convert_conv2d_int(node, imp):
 
 def convert_linear_int_grouped(node, imp):
     x, zx, sx, w, ws, group, b = _args(node, imp)
-    shape = _static_shape(node.args[0])
-    n, k = _static_shape(node.args[3])
+    shape = _shape(imp, x)
+    n, k = _shape(imp, w)
     groups = -(-k // group)
     pad = groups * group - k
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
+    rows = math.prod(shape[:-1]) if all(isinstance(d, int) for d in shape[:-1]) else _prod(shape[:-1])
     x32 = _emit(imp, R.reshape(_int32_minus(imp, x, zx), [rows, k]))
     w32 = _emit(imp, R.astype(w, "int32"))
     if pad:
         x32 = _emit(imp, R.nn.pad(x32, [0, 0, 0, pad]))
         w32 = _emit(imp, R.nn.pad(w32, [0, 0, 0, pad]))
     xg = _emit(imp, R.permute_dims(R.reshape(x32, [rows, groups, group]), [1, 0, 2]))  # G, M, g
-    wg = _emit(imp, R.permute_dims(R.reshape(w32, [n, groups, group]), [1, 2, 0]))  # G, g, N
-    acc = _emit(imp, R.permute_dims(R.matmul(xg, wg, out_dtype="int32"), [1, 2, 0]))  # M, N, G
+    wg = _emit(imp, R.reshape(w32, [n, groups, group]))  # N, G, g
+    acc = imp.block_builder.emit_te(_grouped_dot_te, xg, wg)  # M, N, G
     scale = _emit(imp, R.multiply(ws, relax.const(sx, "float32")))
     y = _emit(imp, R.sum(R.multiply(R.astype(acc, "float32"), scale), axis=[-1]))
     if b is not None:
@@ -150,10 +162,24 @@ def convert_linear_int_grouped(node, imp):
     return _emit(imp, R.reshape(y, [*shape[:-1], n]))
 
 
+def _prod(dims):
+    out = dims[0]
+    for d in dims[1:]:
+        out = out * d
+    return out
+
+
+def _grouped_dot_te(xg, wg):
+    """acc[m, n, g] = sum_j xg[g, m, j] * wg[n, g, j] (int32)."""
+    j = te.reduce_axis((0, xg.shape[-1]), "j")
+    return te.compute((xg.shape[1], wg.shape[0], xg.shape[0]),
+                      lambda m, n, g: te.sum(xg[g, m, j] * wg[n, g, j], axis=j), name="group_dot_int")
+
+
 def convert_requantize(node, imp):
     acc, m, sh, zo, qmin, qmax, axis = _args(node, imp)
-    rank = len(_static_shape(node.args[0]))
-    channels = _static_shape(node.args[1])[0]
+    rank = len(_shape(imp, acc))
+    channels = _shape(imp, m)[0]
     if channels > 1 and axis % rank != rank - 1:
         bshape = [1] * rank
         bshape[axis % rank] = channels
@@ -178,10 +204,16 @@ CONVERT_MAP = {
 }
 
 
-def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple) -> tvm.IRModule:
-    """Export the IR at the example shapes and import it into a Relax IRModule."""
+def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple, dynamic_batch: bool = False) -> tvm.IRModule:
+    """Export the IR at the example shapes (or with a symbolic batch dimension) and import it
+    into a Relax IRModule."""
+    dyn = None
+    if dynamic_batch:  # torch.export specializes a size of 1: export at batch 2 at least
+        example_inputs = tuple(x.repeat(2, *([1] * (x.dim() - 1))) if x.shape[0] == 1 else x for x in example_inputs)
+        batch = torch.export.Dim("batch", min=1)
+        dyn = tuple({0: batch} for _ in example_inputs)
     try:
-        ep = torch.export.export(gm, example_inputs)
+        ep = torch.export.export(gm, example_inputs, dynamic_shapes=dyn)
     except Exception as e:
         raise LoweringError(f"the IR does not export at the example shapes: {type(e).__name__}: {e}") from e
     try:

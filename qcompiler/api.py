@@ -50,7 +50,10 @@ class Artifact:
         for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
             if not isinstance(x, torch.Tensor):
                 raise QCompilerError(f"input {i} is a {type(x).__name__}, expected a tensor")
-            if list(x.shape) != spec["shape"] or str(x.dtype).removeprefix("torch.") != spec["dtype"]:
+            shape = list(x.shape)
+            if spec["shape"] and spec["shape"][0] is None and shape:
+                shape[0] = None  # compiled with a symbolic batch dimension
+            if shape != spec["shape"] or str(x.dtype).removeprefix("torch.") != spec["dtype"]:
                 raise QCompilerError(
                     f"input {i} is {x.dtype}{list(x.shape)}; the code was compiled for "
                     f"{spec['dtype']}{spec['shape']}: compile again with example inputs of this shape"
@@ -87,7 +90,7 @@ def load_model_file(model):
 
 
 def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", calib=None,
-            pipeline: str | None = None, ctx: PassContext | None = None) -> Artifact:
+            pipeline: str | None = None, ctx: PassContext | None = None, dynamic_batch: bool = False) -> Artifact:
     """Quantize `model` and compile it for `target`.
 
     model: a torch.nn.Module, or the path of a torch.export file (.pt2).
@@ -97,6 +100,8 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
     calib: calibration batches (tensors or tuples shaped like example_inputs).
     pipeline: pass-pipeline text; overrides the recipe.
     ctx: a PassContext for debug options (print_ir_after, dump_dir, ...).
+    dynamic_batch: generate code that takes any batch size (dimension 0 of every input)
+        instead of code specialized to the example shapes.
     """
     from .backends.host import build
 
@@ -120,9 +125,13 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
         ctx.calib = [example_inputs]
     ctx.calib = list(ctx.calib)
     pm.run(ir, ctx)
-    library = build(ir, example_inputs, target)
+    if dynamic_batch and not ir.meta["qc"]["dynamic_batch"]:
+        raise TraceError("dynamic_batch=True, but the model only traces at a fixed batch size; "
+                         "compile without dynamic_batch (the code is then specialized to the example shapes)")
+    library = build(ir, example_inputs, target, dynamic_batch)
     with torch.no_grad():
         ref_out = ir(*example_inputs)
     report = build_report(float_ir, ir, as_tuple(ctx.calib[0]), target, str(pm), ctx.timings)
-    inputs = [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in example_inputs]
+    inputs = [{"shape": ([None] + list(x.shape[1:])) if dynamic_batch else list(x.shape),
+               "dtype": str(x.dtype).removeprefix("torch.")} for x in example_inputs]
     return Artifact(ir, library, target, inputs, isinstance(ref_out, torch.Tensor), report)

@@ -45,7 +45,7 @@ def _context(args) -> PassContext:
 
 def cmd_compile(args):
     art = api.compile(args.model, target=args.target, quant=args.quant, pipeline=args.pipeline,
-                      ctx=_context(args))
+                      ctx=_context(args), dynamic_batch=args.dynamic_batch)
     art.save(args.output)
     print(art.report())
     print(f"wrote {args.output}")
@@ -117,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", default="w8a8", help="recipe: w8a8, w4a8, w4a8g64, ...")
     c.add_argument("-p", "--pipeline", help="pass pipeline text (overrides --quant)")
     c.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .qca")
+    c.add_argument("--dynamic-batch", action="store_true", help="code for any batch size (default: the example's)")
     data_opts(c)
     c.set_defaults(fn=cmd_compile)
 

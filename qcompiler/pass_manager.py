@@ -13,6 +13,7 @@ their defaults, in field order, so canonical text parses and prints back identic
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import difflib
 import typing
@@ -36,13 +37,14 @@ class PassResult:
 
 
 @dataclass(frozen=True)
-class Pass:
+class Pass(abc.ABC):
     """Base class of every pass (subclasses are frozen dataclasses)."""
 
     name: typing.ClassVar[str] = ""
 
+    @abc.abstractmethod
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        raise NotImplementedError(f"pass {self.name} does not define run()")  # abstract
+        """Rewrite `gm` in place; say what changed."""
 
     def options(self) -> dict:
         """Options that differ from their defaults, in field order."""

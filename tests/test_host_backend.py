@@ -72,3 +72,19 @@ def test_unknown_target():
     """An unknown target lists the available ones."""
     with pytest.raises(qc.LoweringError, match="unknown target 'tpu'; available targets: host"):
         qc.compile(zoo.MLP(), (torch.randn(2, 64),), target="tpu", calib=[torch.randn(2, 64)])
+
+
+def test_dynamic_batch_code_takes_any_batch(tmp_path):
+    """With dynamic_batch=True one build serves every batch size, equal to the IR, also after save/load."""
+    torch.manual_seed(0)
+    model = zoo.TransformerBlock(d=64, heads=2, ffn=128).eval()
+    art = qc.compile(model, (torch.randn(1, 16, 64),), calib=calib_batches((4, 16, 64)), dynamic_batch=True)
+    art.save(str(tmp_path / "m.qca"))
+    back = qc.load(str(tmp_path / "m.qca"))
+    for b in (1, 3, 8):
+        x = torch.randn(b, 16, 64)
+        ref = art.ir(x)
+        assert (art(x) - ref).norm() / ref.norm() < 1e-3
+        assert torch.equal(back(x), art(x))
+    with pytest.raises(qc.QCompilerError, match=r"compiled for float32\[None, 16, 64\]"):
+        art(torch.randn(2, 8, 64))
