@@ -8,7 +8,8 @@
 3. Local rules, applied to a fixed point, make the graph integer-only between layers:
      fold-qdq:     quantize(dequantize(q, s, z), s, z)                    -> q
      requantize:   quantize(dequantize(acc, sa), so, zo)                  -> requantize(acc, M, sh, zo)
-     relu:         quantize(relu(dequantize(acc, sa)), so, zo)            -> requantize(..., qmin=zo)
+     clamp:        quantize(relu(dequantize(acc, sa)), so, zo)            -> requantize(..., qmin=zo)
+                   (likewise hardtanh/ReLU6 and clamp: their bounds, quantized, narrow the clamp)
      hoist:        quantize(L(x))                                         -> L(quantize(x))
    (L a layout op: flatten, reshape, view, permute, transpose, (un)squeeze; or max-pooling,
    since quantization is monotonic)
@@ -148,29 +149,46 @@ def _fold_qdq(gm, n):
     return dq.args[0] if (n.args[3] <= lo and hi <= n.args[4]) else None
 
 
+def _clamp_bounds(act) -> tuple[float | None, float | None] | None:
+    """(lo, hi) of a clamping activation node, None if `act` is not one."""
+    name, a = op_name(act), act.args
+    if name in ("aten.relu", "aten.relu_"):
+        return 0.0, None
+    if name in ("aten.hardtanh", "aten.hardtanh_"):
+        return (a[1] if len(a) > 1 else -1.0), (a[2] if len(a) > 2 else 1.0)
+    if name == "aten.clamp":
+        return (a[1] if len(a) > 1 else act.kwargs.get("min")), (a[2] if len(a) > 2 else act.kwargs.get("max"))
+    return None
+
+
 def _requantize(gm, n):
     x = n.args[0]
-    relu = op_name(x) in ("aten.relu", "aten.relu_")
-    dq = x.args[0] if relu else x
+    bounds = _clamp_bounds(x)
+    dq = x.args[0] if bounds else x
     if op_name(dq) != "qc.dequantize" or op_name(dq.args[0]) not in _INT_ACC:
         return None
     acc = dq.args[0]
     _, s_out, z_out, qmin, qmax, group = n.args
     if group:
         return None
-    so, zo = float(get_attr_tensor(gm, s_out)), int(get_attr_tensor(gm, z_out))
+    s_t, z_t = get_attr_tensor(gm, s_out), get_attr_tensor(gm, z_out)
+    so, zo = float(s_t), int(z_t)
     real = get_attr_tensor(gm, dq.args[1]).double().flatten() / so
     try:
         mult, shift = dyadic(real)
     except ValueError as e:
         raise _err(acc, str(e)) from e
+    lo, hi = qmin, qmax
+    if bounds:  # quantize is monotonic: quantize(clamp(y, a, b)) = clamp(quantize(y), q(a), q(b))
+        qa = lambda v: int(Q.quantize(torch.tensor(float(v)), s_t, z_t, qmin, qmax))  # noqa: E731
+        lo = qa(bounds[0]) if bounds[0] is not None else qmin
+        hi = qa(bounds[1]) if bounds[1] is not None else qmax
     m = add_constant(gm, f"{acc.name}_requant_mult", mult, n)
     sh = add_constant(gm, f"{acc.name}_requant_shift", shift, n)
-    lo = max(qmin, zo) if relu else qmin
     with gm.graph.inserting_before(n):
-        rq = gm.graph.call_function(Q.requantize.default, (acc, m, sh, zo, lo, qmax, acc.meta["qc"]["axis"]))
-    rq.meta["qc"] = {"source": acc.meta["qc"]["source"], "compare": x.name if relu else dq.meta["qc"]["compare"],
-                     "out_scale": so, "out_zp": zo, **({"relu": True} if relu else {})}
+        rq = gm.graph.call_function(Q.requantize.default, (acc, m, sh, zo, lo, hi, acc.meta["qc"]["axis"]))
+    rq.meta["qc"] = {"source": acc.meta["qc"]["source"], "compare": x.name if bounds else dq.meta["qc"]["compare"],
+                     "out_scale": so, "out_zp": zo, **({"activation": op_name(x)} if bounds else {})}
     return rq
 
 

@@ -69,4 +69,4 @@ class QuantSpec:
         fq = f"fake-quant(w={self.w_bits},a={self.a_bits},granularity={gran}"
         fq += f",group={self.group_size}" if self.group_size else ""
         fq += ",a_symmetric=true" if self.a_symmetric else ""
-        return f"{fq}),calibrate(observer={self.observer}),convert"
+        return f"fold-batchnorm,{fq}),calibrate(observer={self.observer}),convert"

@@ -121,7 +121,7 @@ def test_bad_recipes(recipe, message):
 def test_recipe_parsing():
     """'w4a8' means group 128; 'w8a8' per channel; pipeline text follows the spec."""
     assert qc.QuantSpec.parse("w4a8").group_size == 128
-    assert qc.QuantSpec.parse("w8a8").pipeline() == "fake-quant(w=8,a=8,granularity=channel),calibrate(observer=minmax),convert"
+    assert qc.QuantSpec.parse("w8a8").pipeline() == "fold-batchnorm,fake-quant(w=8,a=8,granularity=channel),calibrate(observer=minmax),convert"
 
 
 def test_compile_without_calibration_warns(tiny_mlp):

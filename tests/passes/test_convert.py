@@ -33,7 +33,7 @@ def test_cnn_stays_integer_through_flatten():
     ops = [op_name(n) for n in ir.graph.nodes if n.op == "call_function"]
     assert ops.count("qc.requantize") == 3 and "aten.relu" not in ops
     rq = [n for n in ir.graph.nodes if op_name(n) == "qc.requantize"]
-    assert all(n.meta["qc"].get("relu") for n in rq)
+    assert all(n.meta["qc"].get("activation") == "aten.relu" for n in rq)
 
 
 @pytest.mark.parametrize("recipe,min_db", [("fake-quant", 35), ("fake-quant(w=4,granularity=group,group=32)", 18)])
