@@ -1,0 +1,1 @@
+"""Model importers into the IR: PyTorch (`pytorch.trace`); ONNX comes next."""

@@ -11,7 +11,8 @@ from .errors import (
     ArtifactError, CalibrationError, LoweringError, PassError, PipelineError, QCompilerError,
     QuantSpecError, TraceError, VerificationError,
 )
-from .ir import print_ir, trace
+from .frontends.pytorch import trace
+from .ir import print_ir
 from .pass_manager import Pass, PassManager, PassResult, register
 from .spec import QuantSpec
 

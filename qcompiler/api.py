@@ -16,7 +16,8 @@ import torch
 from . import artifact_io
 from .context import PassContext
 from .errors import QCompilerError, TraceError
-from .ir import as_tuple, copy_ir, drop_input_guards, trace
+from .frontends.pytorch import drop_input_guards, trace
+from .ir import as_tuple, copy_ir
 from .pass_manager import PassManager
 from .report import Report, build_report
 from .spec import QuantSpec

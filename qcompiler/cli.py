@@ -21,7 +21,8 @@ import torch
 from . import api
 from .context import PassContext
 from .errors import QCompilerError
-from .ir import print_ir, trace
+from .frontends.pytorch import trace
+from .ir import print_ir
 
 
 def _calib(path: str | None, batch: int):

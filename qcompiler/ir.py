@@ -1,7 +1,6 @@
 """The IR: an ATen-level `torch.fx.GraphModule` from `torch.export`, plus its text form.
 
-`trace` exports a model with the batch dimension of every input dynamic, so one IR
-calibrates, trains and evaluates at any batch size. Facts about the graph that are not
+Frontends (`qcompiler.frontends`) produce it. Facts about the graph that are not
 ops live in `gm.meta["qc"]` (the example inputs) and per node in `node.meta["qc"]`:
 
     role          "weight" | "act" for `qc.fake_quant` nodes; "int" for converted compute
@@ -45,59 +44,6 @@ def as_tuple(example_inputs) -> tuple:
             f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
         )
     return example_inputs
-
-
-def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True) -> torch.fx.GraphModule:
-    """Export `model` at ATen level into the IR (a GraphModule) with a dynamic batch dim."""
-    if isinstance(model, torch.fx.GraphModule) and "qc" in model.meta:
-        return model
-    if not isinstance(model, torch.nn.Module):
-        raise TraceError(f"qcompiler.trace takes a torch.nn.Module, got {type(model).__name__}")
-    args = as_tuple(example_inputs)
-    for i, a in enumerate(args):
-        if not isinstance(a, torch.Tensor):
-            raise TraceError(f"example input {i} is a {type(a).__name__}; pass tensors only")
-    try:
-        model.eval()
-    except NotImplementedError:  # modules unflattened from torch.export refuse eval(); they are
-        pass  # already in inference form
-    ep, dynamic = None, False
-    if dynamic_batch and all(a.dim() > 0 for a in args):
-        # A batch of 1 would be specialized by torch.export (0/1 specialization): trace at 2.
-        wide = tuple(a.repeat(2, *([1] * (a.dim() - 1))) if a.shape[0] == 1 else a for a in args)
-        try:
-            ep = torch.export.export(model, wide, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in args))
-            dynamic = True
-        except Exception:
-            ep = None  # fall back to static shapes; a real tracing problem shows up below
-    if ep is None:
-        try:
-            ep = torch.export.export(model, args)
-        except Exception as e:  # torch raises many types here; all mean "cannot trace"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TraceError(
-                f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first}\n"
-                "What to try: make Python control flow that depends on tensor values static "
-                "(or use torch.cond), avoid .item()/.tolist()/numpy calls inside forward, "
-                "and return only tensors; see torch.export's error above for the exact line."
-            ) from e
-    gm = ep.module()
-    drop_input_guards(gm)
-    dynamic = dynamic and all(isinstance(n.meta["val"].shape[0], torch.SymInt) for n in placeholders(gm))
-    gm.meta["qc"] = {"example_inputs": tuple(a.detach().clone() for a in args), "dynamic_batch": dynamic}
-    return gm
-
-
-def drop_input_guards(gm: torch.fx.GraphModule) -> None:
-    """Remove torch.export's `_guards_fn` input checks: a model loaded from a static .pt2
-    carries its old batch-size guard into the new trace. qcompiler checks its inputs itself
-    (`calibrate.check_batch`, `Artifact.__call__`)."""
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and n.target == "_guards_fn":
-            gm.graph.erase_node(n)
-    if hasattr(gm, "_guards_fn"):
-        delattr(gm, "_guards_fn")
-    gm.recompile()
 
 
 def copy_ir(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -263,14 +209,6 @@ def add_constant(gm: torch.fx.GraphModule, hint: str, value: torch.Tensor, befor
     gm.register_buffer(name, value)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
-
-
-def first_user_position(gm: torch.fx.GraphModule) -> torch.fx.Node:
-    """A node before which constants can be inserted (the first non-placeholder node)."""
-    for n in gm.graph.nodes:
-        if n.op not in ("placeholder", "get_attr"):
-            return n
-    raise VerificationError("the graph has no computation")
 
 
 def cleanup(gm: torch.fx.GraphModule) -> None:
