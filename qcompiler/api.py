@@ -105,7 +105,9 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
         instead of code specialized to the example shapes.
     """
     from .backends.host import build
+    from .backends.targets import get_target
 
+    get_target(target)  # an unknown target fails before any work
     if isinstance(model, (str, os.PathLike)):
         model, stored = load_model_file(model)
         example_inputs = example_inputs if example_inputs is not None else stored
