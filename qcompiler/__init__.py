@@ -16,9 +16,17 @@ from .ir import print_ir
 from .pass_manager import Pass, PassManager, PassResult, register
 from .spec import QuantSpec
 
+
+def export_onnx(ir, path, opset: int = 21):
+    """Write IR (float, fake-quant or converted) or an Artifact as ONNX with QDQ nodes
+    (`qcompiler.frontends.onnx_export`; imported on first use since it loads onnxscript)."""
+    from .frontends.onnx_export import export_onnx as _export_onnx
+
+    return _export_onnx(ir, path, opset)
+
 __all__ = [
     "Artifact", "compile", "load",
     "ArtifactError", "CalibrationError", "LoweringError", "Pass", "PassContext", "PassError",
     "PassManager", "PassResult", "PipelineError", "QCompilerError", "QuantSpec", "QuantSpecError",
-    "TraceError", "VerificationError", "print_ir", "register", "trace",
+    "TraceError", "VerificationError", "export_onnx", "print_ir", "register", "trace",
 ]

@@ -58,6 +58,8 @@ def _write_folder(art, folder: str) -> None:
 def save(art, path: str) -> None:
     """Write atomically: into a temporary sibling first, then rename over `path`."""
     path = os.path.abspath(path)
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ArtifactError(f"cannot save to {path}: it exists and is neither a file nor a folder")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".qca-", dir=parent)

@@ -41,7 +41,8 @@ class VerificationError(QCompilerError):
 
 
 class LoweringError(QCompilerError):
-    """An op or dtype the backend cannot lower, or a target build failure."""
+    """An op, dtype or quantization that a backend or the ONNX exporter cannot express, or a
+    target build failure."""
 
 
 class ArtifactError(QCompilerError):
