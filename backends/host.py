@@ -33,8 +33,14 @@ class HostRunner:
 
     def __call__(self, *inputs: torch.Tensor):
         # DLPack: the VM reads the torch tensors and torch reads its results without copies
-        args = [tvm.runtime.from_dlpack(x.detach().cpu().contiguous()) for x in inputs]
+        args = [tvm.runtime.from_dlpack(_aligned(x)) for x in inputs]
         return _to_torch(self.main(*args))
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 64-byte aligned, as TVM requires (torch's own allocations are)."""
+    x = x.detach().cpu().contiguous()
+    return x if x.data_ptr() % 64 == 0 else x.clone()
 
 
 def _to_torch(out):
