@@ -17,6 +17,21 @@ from .pass_manager import Pass, PassManager, PassResult, register
 from .spec import QuantSpec
 
 
+def load_onnx(path_or_model, example_inputs=None, *, dynamic_batch: bool = True):
+    """Import an ONNX model (opsets 13-21) into the IR (`qcompiler.frontends.onnx_import`)."""
+    from .frontends.onnx_import import load_onnx as _load_onnx
+
+    return _load_onnx(path_or_model, example_inputs, dynamic_batch=dynamic_batch)
+
+
+def __getattr__(name):
+    if name == "SUPPORTED_ONNX_OPS":  # the ONNX op types load_onnx claims
+        from .frontends.onnx_import import SUPPORTED_ONNX_OPS
+
+        return SUPPORTED_ONNX_OPS
+    raise AttributeError(f"module 'qcompiler' has no attribute {name!r}")
+
+
 def export_onnx(ir, path, opset: int = 21):
     """Write IR (float, fake-quant or converted) or an Artifact as ONNX with QDQ nodes
     (`qcompiler.frontends.onnx_export`; imported on first use since it loads onnxscript)."""
@@ -28,5 +43,5 @@ __all__ = [
     "Artifact", "compile", "load",
     "ArtifactError", "CalibrationError", "LoweringError", "Pass", "PassContext", "PassError",
     "PassManager", "PassResult", "PipelineError", "QCompilerError", "QuantSpec", "QuantSpecError",
-    "TraceError", "VerificationError", "export_onnx", "print_ir", "register", "trace",
+    "TraceError", "VerificationError", "SUPPORTED_ONNX_OPS", "export_onnx", "load_onnx", "print_ir", "register", "trace",
 ]

@@ -73,28 +73,39 @@ def load(path: str) -> Artifact:
     return artifact_io.load(path, Artifact)
 
 
-def load_model_file(model):
-    """A model given as a path: a torch.export file (.pt2)."""
+def load_model_file(model, example_inputs=None):
+    """A model given as a path: a torch.export file (.pt2) -> (module, its example inputs), or
+    an ONNX file (.onnx) -> (the imported IR, its example inputs)."""
     path = os.fspath(model)
     if not os.path.exists(path):
         raise TraceError(f"model file {path!r} does not exist")
     if path.endswith(".onnx"):
-        raise TraceError(f"{path}: ONNX input is not supported yet; export the model with torch.export.save (.pt2)")
+        from .frontends.onnx_import import load_onnx
+
+        ir = load_onnx(path, example_inputs)
+        return ir, ir.meta["qc"]["example_inputs"]
     try:
         ep = torch.export.load(path)
     except Exception as e:
-        raise TraceError(f"{path} is not a readable torch.export file (.pt2): {type(e).__name__}: {e}") from e
+        raise TraceError(f"{path} is not a readable torch.export file (.pt2) or ONNX file (.onnx): "
+                         f"{type(e).__name__}: {e}") from e
     examples = ep.example_inputs[0] if ep.example_inputs else None
     module = ep.module()
     drop_input_guards(module)  # the file's static batch size must not pin the new trace
     return module, examples
 
 
+def _is_quantized(ir) -> bool:
+    """True when the IR already holds quantizers (e.g. an imported QDQ ONNX model)."""
+    return any(n.meta.get("qc", {}).get("role") == "act" for n in ir.graph.nodes)
+
+
 def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", calib=None,
             pipeline: str | None = None, ctx: PassContext | None = None, dynamic_batch: bool = False) -> Artifact:
     """Quantize `model` and compile it for `target`.
 
-    model: a torch.nn.Module, or the path of a torch.export file (.pt2).
+    model: a torch.nn.Module, or the path of a torch.export file (.pt2) or an ONNX file
+        (.onnx; a QDQ model keeps its own scales: only `convert` runs unless `pipeline` says more).
     example_inputs: a tensor or tuple of tensors; the generated code is specialized to
         their shapes (the IR keeps the batch dimension dynamic).
     quant: a recipe string ("w8a8", "w4a8", "w4a8g64") or a QuantSpec.
@@ -109,14 +120,17 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
 
     get_target(target)  # an unknown target fails before any work
     if isinstance(model, (str, os.PathLike)):
-        model, stored = load_model_file(model)
+        model, stored = load_model_file(model, example_inputs)
         example_inputs = example_inputs if example_inputs is not None else stored
     if example_inputs is None:
         raise TraceError("compile needs example_inputs (a tensor or a tuple of tensors)")
     example_inputs = as_tuple(example_inputs)
     text = pipeline if pipeline is not None else QuantSpec.parse(quant).pipeline()
-    pm = PassManager.parse(text)  # bad pipeline text fails before any tracing
+    PassManager.parse(text)  # bad pipeline text fails before any tracing
     float_ir = trace(model, example_inputs)
+    if pipeline is None and _is_quantized(float_ir):
+        text = "convert"  # a QDQ model brings its own quantizers and scales: keep them
+    pm = PassManager.parse(text)
     ir = copy_ir(float_ir)
     ctx = ctx or PassContext()
     ctx.target = target
