@@ -23,7 +23,6 @@ from collections import defaultdict
 import onnx
 import torch
 import torch.fx.traceback as fx_traceback
-from torch._guards import detect_fake_mode
 
 from .onnx_qdq import plan_weight
 from .onnx_values import (
@@ -124,7 +123,7 @@ class OnnxModule(torch.nn.Module):
         False: derived tensors may be views of a constant, and passes update some buffers,
         e.g. scales, in place)."""
         name = self._buffers_of.get(key)
-        if name is None and (torch.compiler.is_exporting() or detect_fake_mode() is not None):
+        if name is None and torch.compiler.is_exporting():
             with concrete():  # first needed inside a trace (a path the eager run did not take):
                 return make()  # a constant torch.export lifts, not a buffer
         if name is None:

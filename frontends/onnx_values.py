@@ -37,7 +37,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import OnnxImportError
 
 
 @contextmanager
@@ -45,11 +45,6 @@ def concrete():
     """Compute on real tensors (constants' values) even inside torch.export's tracing."""
     with unset_fake_temporarily(), disable_proxy_modes_tracing():
         yield
-
-
-class OnnxImportError(QCompilerError):
-    """An ONNX model that cannot be imported: unreadable, invalid, or using an op, opset,
-    type or attribute value the frontend does not support."""
 
 
 # ONNX element types the frontend claims, and their torch dtypes

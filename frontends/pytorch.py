@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from qcompiler.errors import TraceError
-from qcompiler.ir import as_tuple, placeholders
+from qcompiler.ir import as_tuple
 
 
 def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True) -> torch.fx.GraphModule:
@@ -32,12 +32,14 @@ def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True)
     ep, dynamic = None, False
     if dynamic_batch and all(a.dim() > 0 for a in args):
         # A batch of 1 would be specialized by torch.export (0/1 specialization): trace at 2.
-        wide = tuple(a.repeat(2, *([1] * (a.dim() - 1))) if a.shape[0] == 1 else a for a in args)
+        wide = args if all(a.shape[0] != 1 for a in args) else tuple(a.repeat(2, *([1] * (a.dim() - 1))) if a.shape[0] == 1 else a for a in args)
         try:
             ep = torch.export.export(model, wide, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in args))
-            dynamic = True
+            dynamic = all(isinstance(v.shape[0], torch.SymInt) for v in _input_vals(ep))
         except Exception:
             ep = None  # fall back to static shapes; a real tracing problem shows up below
+        if ep is not None and not dynamic and wide is not args:
+            ep = None  # torch.export fixed the widened batch: trace again at the example's own shapes
     if ep is None:
         try:
             ep = torch.export.export(model, args)
@@ -51,9 +53,14 @@ def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True)
             ) from e
     gm = ep.module()
     drop_input_guards(gm)
-    dynamic = dynamic and all(isinstance(n.meta["val"].shape[0], torch.SymInt) for n in placeholders(gm))
     gm.meta["qc"] = {"example_inputs": tuple(a.detach().clone() for a in args), "dynamic_batch": dynamic}
     return gm
+
+
+def _input_vals(ep) -> list:
+    """The fake values of an exported program's user inputs."""
+    names = set(ep.graph_signature.user_inputs)
+    return [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]
 
 
 def drop_input_guards(gm: torch.fx.GraphModule) -> None:

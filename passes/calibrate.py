@@ -77,8 +77,9 @@ class Calibrate(Pass):
     seed: int = 0
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
-        fqs = [n for n in gm.graph.nodes
-               if n.op == "call_function" and op_name(n) == "qc.fake_quant" and n.meta.get("qc", {}).get("role") == "act"]
+        fqs = [n for n in gm.graph.nodes  # quantizers imported with their scales (QDQ ONNX) are kept
+               if n.op == "call_function" and op_name(n) == "qc.fake_quant"
+               and n.meta.get("qc", {}).get("role") == "act" and not n.meta["qc"].get("imported")]
         if not fqs:
             return PassResult(False, "no activation quantizers to calibrate")
         if ctx.calib is None:

@@ -8,7 +8,7 @@ from . import ops  # noqa: F401  (registers the qc torch.library ops)
 from .api import Artifact, compile, load
 from .context import PassContext
 from .errors import (
-    ArtifactError, CalibrationError, LoweringError, PassError, PipelineError, QCompilerError,
+    ArtifactError, CalibrationError, LoweringError, OnnxImportError, PassError, PipelineError, QCompilerError,
     QuantSpecError, TraceError, VerificationError,
 )
 from .frontends.pytorch import trace
@@ -41,7 +41,7 @@ def export_onnx(ir, path, opset: int = 21):
 
 __all__ = [
     "Artifact", "compile", "load",
-    "ArtifactError", "CalibrationError", "LoweringError", "Pass", "PassContext", "PassError",
+    "ArtifactError", "CalibrationError", "LoweringError", "OnnxImportError", "Pass", "PassContext", "PassError",
     "PassManager", "PassResult", "PipelineError", "QCompilerError", "QuantSpec", "QuantSpecError",
     "TraceError", "VerificationError", "SUPPORTED_ONNX_OPS", "export_onnx", "load_onnx", "print_ir", "register", "trace",
 ]

@@ -26,6 +26,11 @@ class CalibrationError(QCompilerError):
     """Calibration data that does not fit the model's example inputs."""
 
 
+class OnnxImportError(QCompilerError):
+    """An ONNX model that cannot be imported: unreadable, invalid, or using an op, opset,
+    type or attribute value the frontend does not support."""
+
+
 class PassError(QCompilerError):
     """A pass failed: carries the pass, the passes before it and the node at fault."""
 

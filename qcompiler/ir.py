@@ -7,6 +7,10 @@ ops live in `gm.meta["qc"]` (the example inputs) and per node in `node.meta["qc"
     bits, symmetric, granularity ("tensor" | "channel" | "group"), group_size
     observed      True once `calibrate` has set an activation quantizer's range
     source        name of the float op a quantizer or integer op belongs to
+    imported      True on quantizers read from a QDQ ONNX model (their scales are kept);
+                  `axis` on imported weight quantizers
+    node.meta["onnx"] = {"name", "op_type"}: the ONNX node an op comes from (ONNX frontend);
+    gm.meta["qc"]["onnx"] = {"opset", "inputs", "outputs", "producer"}
 
 `print_ir` gives a stable text form (symbolic sizes renamed s0, s1, ... in order of
 appearance, floats printed to 6 significant digits) for dumps, golden tests and bug reports.
