@@ -21,6 +21,7 @@ from tvm.relax.frontend.torch import from_exported_program
 import torch
 
 from qcompiler.errors import LoweringError
+from qcompiler.ir import widen_batch
 
 R = relax.op
 
@@ -209,7 +210,7 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple, dynamic_batch: boo
     into a Relax IRModule."""
     dyn = None
     if dynamic_batch:  # torch.export specializes a size of 1: export at batch 2 at least
-        example_inputs = tuple(x.repeat(2, *([1] * (x.dim() - 1))) if x.shape[0] == 1 else x for x in example_inputs)
+        example_inputs = widen_batch(example_inputs)
         batch = torch.export.Dim("batch", min=1)
         dyn = tuple({0: batch} for _ in example_inputs)
     try:

@@ -53,7 +53,7 @@ import torch
 import torch.fx
 
 from qcompiler.errors import LoweringError, QCompilerError
-from qcompiler.ir import example_inputs, op_name
+from qcompiler.ir import example_inputs, op_name, widen_batch
 
 from .onnx_export_finish import INT4_OPSET, finish
 from .onnx_export_lower import lower_to_qdq
@@ -151,7 +151,7 @@ def _torch_export(qdq: torch.fx.GraphModule, ir_gm: torch.fx.GraphModule, opset:
     args = example_inputs(ir_gm)
     dynamic = ir_gm.meta["qc"].get("dynamic_batch", False)
     if dynamic:  # torch.export specializes a batch of 1: trace at 2, as qcompiler.trace does
-        args = tuple(a.repeat(2, *([1] * (a.dim() - 1))) if a.shape[0] == 1 else a for a in args)
+        args = widen_batch(args)
     for m in qdq.modules():  # modules from torch.export refuse .eval(); they are inference graphs
         m.training = False
     outputs = next(n for n in qdq.graph.nodes if n.op == "output").args[0]

@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from qcompiler.errors import TraceError
-from qcompiler.ir import as_tuple
+from qcompiler.ir import as_tuple, widen_batch
 
 
 def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True) -> torch.fx.GraphModule:
@@ -32,7 +32,7 @@ def trace(model: torch.nn.Module, example_inputs, *, dynamic_batch: bool = True)
     ep, dynamic = None, False
     if dynamic_batch and all(a.dim() > 0 for a in args):
         # A batch of 1 would be specialized by torch.export (0/1 specialization): trace at 2.
-        wide = args if all(a.shape[0] != 1 for a in args) else tuple(a.repeat(2, *([1] * (a.dim() - 1))) if a.shape[0] == 1 else a for a in args)
+        wide = args if all(a.shape[0] != 1 for a in args) else widen_batch(args)
         try:
             ep = torch.export.export(model, wide, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in args))
             dynamic = all(isinstance(v.shape[0], torch.SymInt) for v in _input_vals(ep))

@@ -50,6 +50,12 @@ def as_tuple(example_inputs) -> tuple:
     return example_inputs
 
 
+def widen_batch(args: tuple) -> tuple:
+    """Inputs with a batch (dim 0) of 1 repeated to 2: torch.export specializes sizes 0 and 1,
+    so a symbolic batch must be traced at 2 or more."""
+    return tuple(a.repeat(2, *([1] * (a.dim() - 1))) if a.dim() and a.shape[0] == 1 else a for a in args)
+
+
 def copy_ir(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A deep copy of the IR (meta included)."""
     with warnings.catch_warnings():  # torch's pytree spec pickling warns about its own LeafSpec
