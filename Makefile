@@ -4,9 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup demo test bench clean
+.PHONY: setup toolchains demo test bench clean
 
-setup: $(VENV)/.installed
+# Cross compilers and emulators for the arm, cortex-m and mali targets (Debian packages).
+# libc6-dev-arm64-cross is a recommends of the aarch64 gcc: name it, or static links fail.
+DEBS := gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user gcc-arm-none-eabi \
+	libnewlib-arm-none-eabi qemu-system-arm pocl-opencl-icd ocl-icd-libopencl1 \
+	ocl-icd-opencl-dev opencl-headers
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+setup: toolchains $(VENV)/.installed
+
+toolchains:
+	@dpkg -s $(DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBS); }
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)

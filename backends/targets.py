@@ -25,6 +25,11 @@ def host_cpu() -> str:
 TARGETS = {
     "host": TargetInfo("host", {"kind": "llvm", "mcpu": "<host>"}, "in-process Relax VM",
                        "this machine's CPU (llvm with -mcpu of this machine, so its vector units are used)"),
+    "arm": TargetInfo("arm", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                              "mattr": ["+neon", "+dotprod"]},
+                      "qemu-aarch64 -cpu cortex-a76",
+                      "64-bit ARM Linux (Cortex-A76: NEON and the SDOT dot-product instructions), "
+                      "cross-compiled with aarch64-linux-gnu-gcc and run under qemu-aarch64"),
 }
 
 
