@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup toolchains demo test bench clean
+.PHONY: setup toolchains plugins demo test bench clean
 
 # Cross compilers and emulators for the arm, cortex-m and mali targets (Debian packages).
 # libc6-dev-arm64-cross is a recommends of the aarch64 gcc: name it, or static links fail.
@@ -13,7 +13,12 @@ DEBS := gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user gcc-arm-none-eabi 
 	ocl-icd-opencl-dev opencl-headers
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: toolchains $(VENV)/.installed
+setup: toolchains $(VENV)/.installed plugins
+
+# The QEMU instruction-count plugin (tools/qemu_icount/icount.c), built with gcc -shared -fPIC
+# into the user cache folder, where backends/icount.py looks for it (named by its source hash).
+plugins: toolchains $(VENV)/.installed
+	$(PY) -m qcompiler.backends.icount
 
 toolchains:
 	@dpkg -s $(DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \

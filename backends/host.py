@@ -8,18 +8,27 @@ from tvm import relax
 
 from qcompiler.errors import LoweringError
 
+from .dot_schedule import dot_pipeline
 from .lowering import to_relax
 from .targets import get_target, tvm_target
 
 
-def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "host", dynamic_batch: bool = False):
+def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "host", dynamic_batch: bool = False,
+          tune=None):
     """Lower and compile the IR; returns a TVM executable (`relax.VMExecutable`). The code is
-    specialized to the example shapes, or takes any batch size with `dynamic_batch`."""
+    specialized to the example shapes, or takes any batch size with `dynamic_batch`. With
+    `tune` (a `tuning.Tune`) the kernels get MetaSchedule's best schedules (`tuning.py`)."""
     info = get_target(target)
-    mod = to_relax(gm, example_inputs, dynamic_batch)
     tgt = tvm.target.Target(tvm_target(info))
+    with tgt:  # the converters pick the target's int8 dot-product kernels (`dot`)
+        mod = to_relax(gm, example_inputs, dynamic_batch)
+    pipeline = dot_pipeline(tgt)  # the default pipeline, with those kernels scheduled after fusion
+    if tune is not None:
+        from .tuning import tuned_pipeline
+
+        pipeline, _ = tuned_pipeline(mod, target, tune)
     try:
-        return tvm.compile(mod, target=tgt, relax_pipeline=relax.get_default_pipeline(tgt))
+        return tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
     except Exception as e:
         raise LoweringError(f"TVM could not compile the model for {target}: {type(e).__name__}: {e}") from e
 

@@ -4,6 +4,9 @@ with a converter for every `qc` op.
 Each converter emits Relax ops that compute exactly what the op's torch reference does:
 int8 operands widened to int32, zero points subtracted, int32 matmul/conv accumulation,
 and the dyadic requantizer in int64 ((acc * m + 2^(sh-1)) >> sh, clamp, narrow to int8).
+Layer weights are stored as the layer's width says (`weights`, `packing`: 4 and 2 bits
+packed along K at compile time) and read by the TE kernels of `kernels_int`, which unpack
+them in the inner loop; int8 linear layers use `_dot_te`.
 Float quantize/dequantize use the same IEEE operations in the same order as the reference
 (divide, round-half-even via `nearbyint`, add, clip), so they agree bit for bit.
 TVM's default pipeline for the target then fuses each accumulation with its requantize.
@@ -11,6 +14,7 @@ TVM's default pipeline for the target then fuses each accumulation with its requ
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -22,6 +26,10 @@ import torch
 
 from qcompiler.errors import LoweringError
 from qcompiler.ir import widen_batch
+
+from . import dot, kernels_int, packing, weights as weight_table
+from .packing import PACKED_BITS
+from .hadamard import convert_hadamard
 
 R = relax.op
 
@@ -41,11 +49,6 @@ def _args(node, imp):
 def _shape(imp, expr) -> list:
     """The shape of a Relax tensor expression: ints where static, PrimExprs where symbolic."""
     return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in imp.shape_of(expr).values]
-
-
-def _int32_minus(imp, x, zp: int):
-    x32 = _emit(imp, R.astype(x, "int32"))
-    return _emit(imp, R.subtract(x32, relax.const(zp, "int32"))) if zp else x32
 
 
 def _quantize(imp, x, s, z, qmin, qmax):
@@ -101,9 +104,17 @@ def _dot_te(a, b, za: int, zb: int, b_batched: bool):
     return te.compute((*a.shape[:-1], b.shape[-2]), body, name="dot_int")
 
 
-def convert_linear_int(node, imp):
+def convert_linear_int(node, imp, weights=None):
     x, zx, w, b = _args(node, imp)
-    acc = imp.block_builder.emit_te(_dot_te, x, w, zx, 0, False)
+    lw = weights.get(node.args[2]) if weights else None
+    if lw is not None and lw.bits in PACKED_BITS:  # 4/2-bit weights: packed bytes, unpacked in the loop
+        stored, bits, span = _weight_rows(imp, weights, node, 2, w)
+        acc = imp.block_builder.emit_te(kernels_int.packed_dot, x, stored, zx, bits, span)
+        _reschedule(imp.block_builder, acc, kernels_int.split_blocks, "packed_dot_int", _shape(imp, x)[-1], bits, span)
+    else:  # int8: the target's dot-product kernel (`dot`), else the plain one
+        acc = dot.emit_linear(imp.block_builder, x, zx, w, lw.values if lw else None, _shape(imp, x))
+        if acc is None:
+            acc = imp.block_builder.emit_te(_dot_te, x, w, zx, 0, False)
     return _emit(imp, R.add(acc, b)) if b is not None else acc
 
 
@@ -127,54 +138,64 @@ def convert_matmul_int(node, imp):
     sa, sb = [1] * (width - len(sa)) + sa, [1] * (width - len(sb)) + sb
     batch = [db if (isinstance(da, int) and da == 1) else da for da, db in zip(sa, sb)]
     a, b = _broadcast_batch(imp, a, batch), _broadcast_batch(imp, b, batch)
+    acc = dot.emit_matmul(imp.block_builder, a, b, za, zb, _shape(imp, a), _shape(imp, b))
+    if acc is not None:
+        return acc
     bt = _emit(imp, R.permute_dims(b, [*range(width), width + 1, width]))
     return imp.block_builder.emit_te(_dot_te, a, bt, za, zb, True)
 
 
-def convert_conv2d_int(node, imp):
+def _weight_rows(imp, weights, node, pos: int, w, pad_to: int = 0):
+    """(stored weight, bits, block span): the layer's constant weight as rows along the
+    reduction axis, packed at compile time for 4 and 2 bits (`packing`); a weight computed at
+    run time (no constant) is read as int8 rows."""
+    shape = _shape(imp, w)
+    k = math.prod(shape[1:])
+    lw = weights.get(node.args[pos]) if weights else None
+    if lw is not None:
+        return relax.const(lw.packed(pad_to)), lw.bits, packing.span(max(k, pad_to), lw.bits)
+    rows = _emit(imp, R.reshape(w, [shape[0], k]))
+    if pad_to > k:
+        rows = _emit(imp, R.nn.pad(rows, [0, 0, 0, pad_to - k]))
+    return rows, 8, 1
+
+
+def _pair(v) -> list[int]:
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return [int(e) for e in (v * 2 if len(v) == 1 else v)]
+
+
+def convert_conv2d_int(node, imp, weights=None):
     x, zx, w, b, stride, padding, dilation, groups = _args(node, imp)
-    acc = _emit(imp, R.nn.conv2d(
-        _int32_minus(imp, x, zx), _emit(imp, R.astype(w, "int32")),
-        strides=stride, padding=padding, dilation=dilation, groups=groups, out_dtype="int32"))
+    stored, bits, span = _weight_rows(imp, weights, node, 2, w)
+    acc = imp.block_builder.emit_te(kernels_int.conv2d_int, x, stored, zx, bits, span, _shape(imp, w),
+                                    _pair(stride), _pair(padding), _pair(dilation), int(groups))
     if b is None:
         return acc
     return _emit(imp, R.add(acc, R.reshape(b, [1, -1, 1, 1])))
 
 
-def convert_linear_int_grouped(node, imp):
+def convert_linear_int_grouped(node, imp, weights=None):
     x, zx, sx, w, ws, group, b = _args(node, imp)
-    shape = _shape(imp, x)
-    n, k = _shape(imp, w)
-    groups = -(-k // group)
-    pad = groups * group - k
-    rows = math.prod(shape[:-1]) if all(isinstance(d, int) for d in shape[:-1]) else _prod(shape[:-1])
-    x32 = _emit(imp, R.reshape(_int32_minus(imp, x, zx), [rows, k]))
-    w32 = _emit(imp, R.astype(w, "int32"))
-    if pad:
-        x32 = _emit(imp, R.nn.pad(x32, [0, 0, 0, pad]))
-        w32 = _emit(imp, R.nn.pad(w32, [0, 0, 0, pad]))
-    xg = _emit(imp, R.permute_dims(R.reshape(x32, [rows, groups, group]), [1, 0, 2]))  # G, M, g
-    wg = _emit(imp, R.reshape(w32, [n, groups, group]))  # N, G, g
-    acc = imp.block_builder.emit_te(_grouped_dot_te, xg, wg)  # M, N, G
-    scale = _emit(imp, R.multiply(ws, relax.const(sx, "float32")))
-    y = _emit(imp, R.sum(R.multiply(R.astype(acc, "float32"), scale), axis=[-1]))
-    if b is not None:
-        y = _emit(imp, R.add(y, b))
-    return _emit(imp, R.reshape(y, [*shape[:-1], n]))
+    groups = _shape(imp, ws)[-1]
+    stored, bits, span = _weight_rows(imp, weights, node, 3, w, pad_to=groups * group)
+    y = imp.block_builder.emit_te(kernels_int.grouped_linear, x, stored, ws, b, zx, float(sx), bits, group, span)
+    _reschedule(imp.block_builder, y, kernels_int.split_blocks, "group_dot_int", group, bits, span)
+    return y
 
 
-def _prod(dims):
-    out = dims[0]
-    for d in dims[1:]:
-        out = out * d
-    return out
+def convert_linear_weight_only(node, imp, weights=None):
+    x, w, ws, group, b = _args(node, imp)
+    stored, bits, span = _weight_rows(imp, weights, node, 1, w)
+    y = imp.block_builder.emit_te(kernels_int.weight_only_linear, x, stored, ws, b, bits, group, span)
+    _reschedule(imp.block_builder, y, kernels_int.schedule_weight_only, _shape(imp, x)[-1], bits, span)
+    return y
 
 
-def _grouped_dot_te(xg, wg):
-    """acc[m, n, g] = sum_j xg[g, m, j] * wg[n, g, j] (int32)."""
-    j = te.reduce_axis((0, xg.shape[-1]), "j")
-    return te.compute((xg.shape[1], wg.shape[0], xg.shape[0]),
-                      lambda m, n, g: te.sum(xg[g, m, j] * wg[n, g, j], axis=j), name="group_dot_int")
+def _reschedule(bb, var, schedule, *args) -> None:
+    """Replace the PrimFunc that `var`'s call_tir calls by schedule(func, *args)."""
+    gvar = bb.lookup_binding(var).args[0]
+    bb.update_func(gvar, schedule(bb.get()[gvar], *args))
 
 
 def convert_requantize(node, imp):
@@ -202,12 +223,18 @@ CONVERT_MAP = {
     "conv2d_int.default": convert_conv2d_int,
     "matmul_int.default": convert_matmul_int,
     "requantize.default": convert_requantize,
+    "linear_weight_only.default": convert_linear_weight_only,
+    "hadamard.default": convert_hadamard,
 }
+# converters that store the layer's weight constant in its packed form (see `weights`)
+_READS_WEIGHTS = {"linear_int.default", "linear_int_grouped.default", "conv2d_int.default",
+                  "linear_weight_only.default"}
 
 
 def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple, dynamic_batch: bool = False) -> tvm.IRModule:
     """Export the IR at the example shapes (or with a symbolic batch dimension) and import it
     into a Relax IRModule."""
+    table = weight_table.collect(gm)  # per-layer widths, checked; torch.export drops node.meta
     dyn = None
     if dynamic_batch:  # torch.export specializes a size of 1: export at batch 2 at least
         example_inputs = widen_batch(example_inputs)
@@ -220,7 +247,11 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple, dynamic_batch: boo
     try:
         with warnings.catch_warnings():  # torch's own deprecation notices from its decompositions
             warnings.filterwarnings("ignore", category=FutureWarning)
-            return from_exported_program(ep, custom_convert_map=CONVERT_MAP)
+            ep = ep.run_decompositions()  # done here so that its placeholders are the ones converted
+            table.bind(ep)
+            convert_map = {name: functools.partial(f, weights=table) if name in _READS_WEIGHTS else f
+                           for name, f in CONVERT_MAP.items()}
+            return from_exported_program(ep, custom_convert_map=convert_map, run_ep_decomposition=False)
     except LoweringError:
         raise
     except Exception as e:

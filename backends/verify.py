@@ -69,6 +69,8 @@ def isolated_graph(ir: torch.fx.GraphModule, values: dict) -> tuple[torch.fx.Gra
         args = torch.fx.node.map_aggregate(n.args, operand)
         kwargs = torch.fx.node.map_aggregate(n.kwargs, operand)
         outs.append(g.call_function(n.target, args, kwargs))
+        if "qc" in n.meta:  # per-layer widths: the lowering stores weights at their width
+            outs[-1].meta["qc"] = dict(n.meta["qc"])
         checked.append(n)
     g.output(tuple(outs))
     return torch.fx.GraphModule(ir, g), list(feeds), checked

@@ -11,6 +11,7 @@ float ATen ops, `qc.quantize`, `qc.dequantize` and activation `qc.fake_quant` ar
     conv2d_int           the same with conv2d
     matmul_int           y = matmul(dequantize(a, s_a, z_a), dequantize(b, s_b, z_b))
     linear_int_grouped   y = linear(dequantize(xq, sx, zx), dequantize(Wq, sw, group=g), b)
+    linear_weight_only   y = linear(x, dequantize(Wq, sw, group=g), b)
     dequantize(acc, sa)  ->  y
     requantize(acc, m, sh, zo, lo, hi)  ->  quantize(y, so, zo, lo, hi),  so = meta["out_scale"]
 
@@ -38,7 +39,7 @@ _ON_GRID = {"aten.flatten.using_ints", "aten.reshape", "aten.view", "aten.permut
             "aten.unsqueeze", "aten.squeeze.dim", "aten.contiguous", "aten.max_pool2d"}
 _ACCUMULATING = {"qc.linear_int", "qc.conv2d_int", "qc.matmul_int"}
 # qc ops this module lowers, and the ones the exporter translates
-_LOWERED = _ACCUMULATING | {"qc.linear_int_grouped", "qc.requantize"}
+_LOWERED = _ACCUMULATING | {"qc.linear_int_grouped", "qc.linear_weight_only", "qc.requantize"}
 EXPORTABLE_QC = {"qc.quantize", "qc.dequantize", "qc.fake_quant"}
 
 
@@ -55,7 +56,7 @@ def lower_to_qdq(ir: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[s
             lowering.weight_fake_quant(n)
         elif name in _ACCUMULATING:
             lowering.accumulating(n)
-        elif name == "qc.linear_int_grouped":
+        elif name in ("qc.linear_int_grouped", "qc.linear_weight_only"):
             lowering.grouped(n)
         elif name == "qc.requantize":  # `accumulating` rewrote every requantize of an integer op
             raise _err(n, "requantize of a tensor that no integer op produced")
@@ -174,10 +175,14 @@ class _Lowering:
         self._replace_readers(acc, y)
 
     def grouped(self, n):
-        """linear_int_grouped -> linear on dequantized input and group-wise dequantized weights."""
-        xq, zx, sx, w_node, ws, group, bias = n.args
-        x_f = self.call(n, Q.dequantize.default, xq, self.scalar(f"{n.name}_x_scale", sx, n),
-                        self.scalar(f"{n.name}_x_zp", float(zx), n), 0)
+        """linear_int_grouped -> linear on dequantized input and group-wise dequantized weights;
+        linear_weight_only -> linear on its float input and the dequantized weights."""
+        if op_name(n) == "qc.linear_weight_only":
+            x_f, w_node, ws, group, bias = n.args
+        else:
+            xq, zx, sx, w_node, ws, group, bias = n.args
+            x_f = self.call(n, Q.dequantize.default, xq, self.scalar(f"{n.name}_x_scale", sx, n),
+                            self.scalar(f"{n.name}_x_zp", float(zx), n), 0)
         w_zp = self.const(f"{w_node.target}_zp", torch.zeros_like(self.tensor(ws)), n)
         bits = n.meta.get("qc", {}).get("w_bits", 8)
         w_f = self.call(n, Q.dequantize.default, self.weight(n, w_node, bits), ws, w_zp, group)

@@ -3,13 +3,17 @@
 1. Every quantized compute op becomes an integer op on int8 operands:
      linear(F(x), Fw(W), b)  ->  dequantize(linear_int(quantize(F(x)), zx, Wq, bq), sx*sw)
    with Wq = quantize(W) stored as int8 and bq = round(b / (sx*sw)) as int32 (conv2d and
-   matmul alike; group-wise weights use `linear_int_grouped`, which returns float).
+   matmul alike; group-wise weights use `linear_int_grouped`, which returns float). The
+   integer op keeps the layer's widths in node.meta["qc"] (`w_bits`, `a_bits`, `group_size`,
+   `source`): the backend stores the weights at that width (4 and 2 bits packed).
+   Weight-only layers (fake-quant(weight_only=true)) keep float activations:
+     linear(x, Fw(W), b)  ->  linear_weight_only(x, Wq, sw, g, b)
 2. Every activation fake-quant F(x) becomes dequantize(quantize(x)) (the same function).
 3. Local rules, applied to a fixed point, make the graph integer-only between layers:
      fold-qdq:     quantize(dequantize(q, s, z), s, z)                    -> q
      requantize:   quantize(dequantize(acc, sa), so, zo)                  -> requantize(acc, M, sh, zo)
      clamp:        quantize(relu(dequantize(acc, sa)), so, zo)            -> requantize(..., qmin=zo)
-                   (likewise hardtanh/ReLU6 and clamp: their bounds, quantized, narrow the clamp)
+                   (likewise hardtanh, relu6 and clamp: their bounds, quantized, narrow the clamp)
      hoist:        quantize(L(x))                                         -> L(quantize(x))
    (L a layout op: flatten, reshape, view, permute, transpose, (un)squeeze; or max-pooling,
    since quantization is monotonic)
@@ -65,6 +69,8 @@ class Convert(Pass):
     # -- step 1
     def _compute(self, gm, node) -> bool:
         kind = node.meta["qc"]["kind"]
+        if node.meta["qc"].get("weight_only"):
+            return self._weight_only(gm, node)
         acts = [node.args[0], node.args[1]] if kind == "matmul" else [node.args[0]]
         if not all(_is_act_fq(a) for a in acts):
             return False
@@ -79,11 +85,8 @@ class Convert(Pass):
                 acc = gm.graph.call_function(Q.matmul_int.default, (qs[0], zs[0], qs[1], zs[1]))
             self._float_out(gm, node, acc, torch.tensor(ss[0] * ss[1], dtype=torch.float32), meta, axis=-1)
             return True
-        w_fq = node.args[1]
-        w_node, ws_node, wz_node, wqmin, wqmax, group = w_fq.args
-        w, s_w = get_attr_tensor(gm, w_node).detach(), get_attr_tensor(gm, ws_node)
-        wq = Q.quantize(w, s_w, get_attr_tensor(gm, wz_node), wqmin, wqmax, group)
-        wq_node = add_constant(gm, f"{node.name}_wq", wq, node)
+        wq_node, ws_node, group = _int_weight(gm, node)
+        s_w = get_attr_tensor(gm, ws_node)
         bias_node = node.args[2] if len(node.args) > 2 else None
         bias = None if bias_node is None else get_attr_tensor(gm, bias_node).detach()
         if group:
@@ -112,6 +115,19 @@ class Convert(Pass):
         self._float_out(gm, node, acc, scale, meta, axis)
         return True
 
+    def _weight_only(self, gm, node) -> bool:
+        if node.meta["qc"]["kind"] != "linear":
+            raise _err(node, "weight-only quantization has integer kernels for linear layers only")
+        wq_node, ws_node, group = _int_weight(gm, node)
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        with gm.graph.inserting_before(node):
+            out = gm.graph.call_function(Q.linear_weight_only.default, (node.args[0], wq_node, ws_node, group, bias_node))
+        meta = {k: v for k, v in node.meta["qc"].items() if k != "quantized"}
+        out.meta["qc"] = {**meta, "source": node.name, "compare": node.name}
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        return True
+
     def _float_out(self, gm, node, acc, scale, meta, axis):
         acc.meta["qc"] = {**meta, "axis": axis}
         s = add_constant(gm, f"{node.name}_acc_scale", scale, node)
@@ -131,6 +147,15 @@ class Convert(Pass):
         q.meta["qc"] = dict(fq.meta["qc"])
         fq.replace_all_uses_with(dq)
         gm.graph.erase_node(fq)
+
+
+def _int_weight(gm, node):
+    """The integer weight of a compute node whose weight operand is a fake-quant: a new int8
+    constant Wq = quantize(W) (values on the layer's grid), its scale node and group size."""
+    w_node, ws_node, wz_node, wqmin, wqmax, group = node.args[1].args
+    w, s_w = get_attr_tensor(gm, w_node).detach(), get_attr_tensor(gm, ws_node)
+    wq = Q.quantize(w, s_w, get_attr_tensor(gm, wz_node), wqmin, wqmax, group)
+    return add_constant(gm, f"{node.name}_wq", wq, node), ws_node, group
 
 
 # ---------------------------------------------------------------- rules
@@ -154,6 +179,8 @@ def _clamp_bounds(act) -> tuple[float | None, float | None] | None:
     name, a = op_name(act), act.args
     if name in ("aten.relu", "aten.relu_"):
         return 0.0, None
+    if name in ("aten.relu6", "aten.relu6_"):
+        return 0.0, 6.0
     if name in ("aten.hardtanh", "aten.hardtanh_"):
         return (a[1] if len(a) > 1 else -1.0), (a[2] if len(a) > 2 else 1.0)
     if name == "aten.clamp":

@@ -10,8 +10,15 @@ Activations entering a quantized op get one quantizer per tensor, asymmetric on
 for `calibrate` to set (`meta["qc"]["observed"]` is False until then). Ops that share an
 input share its quantizer, so the integer graph quantizes that tensor once.
 
+With `a_granularity=token`, activations are quantized per row with a scale computed at run
+time, and `kv=<bits>` quantizes attention's keys per channel and values per token
+(`dynamic_quant`).
+
 Per-node widths set by an analysis (`node.meta["qc"]["w_bits"]` / `["a_bits"]`) win over the
 pass options.
+
+With `weight_only`, only the weights of linear layers are quantized (activations stay float;
+`convert` makes `qc.linear_weight_only`); conv2d and matmul are left float.
 """
 
 from __future__ import annotations
@@ -60,7 +67,8 @@ def weight_scale(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 @register("fake-quant")
 class FakeQuant(Pass):
     """Insert fake-quant on weights (symmetric, per channel or per group) and on the input
-    activations (per tensor) of the chosen ops; activation ranges are set by `calibrate`."""
+    activations (per tensor) of the chosen ops; activation ranges are set by `calibrate`.
+    weight_only: quantize only the weights of linear layers (float activations)."""
 
     w: int = 8
     a: int = 8
@@ -69,10 +77,18 @@ class FakeQuant(Pass):
     a_symmetric: bool = False
     ops: tuple[str, ...] = ("linear", "conv2d", "matmul")
     skip: tuple[str, ...] = ()
+    weight_only: bool = False
+    a_granularity: Literal["tensor", "token"] = "tensor"
+    kv: int = 0
 
     def __post_init__(self):
         check_bits(self.w, "w")
         check_bits(self.a, "a")
+        if self.kv:  # KV cache: keys per channel, values per token (`dynamic_quant`)
+            check_bits(self.kv, "kv")
+            if "matmul" in self.ops:
+                raise QuantSpecError("kv=... quantizes attention's keys and values itself: "
+                                     "give ops=linear (or linear;conv2d) with it")
         unknown = [o for o in self.ops if o not in QUANTIZABLE]
         if unknown:
             raise QuantSpecError(f"ops {unknown} cannot be quantized; choose from {', '.join(QUANTIZABLE)}")
@@ -80,7 +96,8 @@ class FakeQuant(Pass):
             raise QuantSpecError(f"group={self.group}: a group size must be positive")
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
-        targets = {QUANTIZABLE[o][0]: o for o in self.ops}
+        kinds = [o for o in self.ops if o == "linear" or not self.weight_only]
+        targets = {QUANTIZABLE[o][0]: o for o in kinds}
         act_quantizers: dict[tuple, torch.fx.Node] = {}
         done = []
         for node in list(gm.graph.nodes):
@@ -97,17 +114,22 @@ class FakeQuant(Pass):
             group = self.group if (self.granularity == "group" and kind == "linear") else 0
             if w_pos is not None:
                 group = self._quantize_weight(gm, node, w_pos, w_bits, group)
-            for pos in act_pos:
+            for pos in () if self.weight_only else act_pos:
                 key = (node.args[pos], a_bits, self.a_symmetric)
                 if key not in act_quantizers:
                     act_quantizers[key] = self._act_quantizer(gm, node.args[pos], a_bits, node)
                 node.update_arg(pos, act_quantizers[key])
             node.meta["qc"] = {
-                **ann, "quantized": True, "kind": kind, "a_bits": a_bits,
+                **ann, "quantized": True, "kind": kind,
+                **({"weight_only": True} if self.weight_only else {"a_bits": a_bits}),
                 **({"w_bits": w_bits, "granularity": "group" if group else "channel", "group_size": group}
                    if w_pos is not None else {}),
             }
             done.append(node.name)
+        if self.kv:
+            from .dynamic_quant import quantize_kv
+
+            done += quantize_kv(gm, self.kv, self.a_symmetric)
         gm.recompile()
         return PassResult(bool(done), f"quantized {len(done)} ops", {"nodes": done})
 
@@ -127,6 +149,10 @@ class FakeQuant(Pass):
         return group
 
     def _act_quantizer(self, gm, x, bits, consumer):
+        if self.a_granularity == "token":  # dynamic: one scale per row, computed at run time
+            from .dynamic_quant import dynamic_quantizer
+
+            return dynamic_quantizer(gm, x, bits, [-1], self.a_symmetric, consumer, "token")
         qmin, qmax = act_grid(bits, self.a_symmetric)
         s = add_constant(gm, f"{x.name}_a_scale", torch.tensor(1.0), consumer)
         z = add_constant(gm, f"{x.name}_a_zp", torch.tensor(0.0), consumer)

@@ -9,12 +9,13 @@ from .api import Artifact, compile, load
 from .context import PassContext
 from .errors import (
     ArtifactError, CalibrationError, LoweringError, OnnxImportError, PassError, PipelineError, QCompilerError,
-    QuantSpecError, TraceError, VerificationError,
+    QuantSpecError, TraceError, TrainingError, TuningError, VerificationError,
 )
 from .frontends.pytorch import trace
 from .ir import print_ir
 from .pass_manager import Pass, PassManager, PassResult, register
 from .spec import QuantSpec
+from .backends.tuning import RPC, Tune  # MetaSchedule options (TVM is imported only when tuning)
 
 
 def load_onnx(path_or_model, example_inputs=None, *, dynamic_batch: bool = True):
@@ -43,5 +44,5 @@ __all__ = [
     "Artifact", "compile", "load",
     "ArtifactError", "CalibrationError", "LoweringError", "OnnxImportError", "Pass", "PassContext", "PassError",
     "PassManager", "PassResult", "PipelineError", "QCompilerError", "QuantSpec", "QuantSpecError",
-    "TraceError", "VerificationError", "SUPPORTED_ONNX_OPS", "export_onnx", "load_onnx", "print_ir", "register", "trace",
+    "TraceError", "TrainingError", "TuningError", "VerificationError", "RPC", "Tune", "SUPPORTED_ONNX_OPS", "export_onnx", "load_onnx", "print_ir", "register", "trace",
 ]

@@ -36,12 +36,12 @@ class Artifact:
         self._runner = None
 
     def __call__(self, *inputs: torch.Tensor):
-        """Run the generated code (on the host, in-process)."""
+        """Run the generated code (host: in process; arm: under qemu-aarch64)."""
         self._check_inputs(inputs)
         if self._runner is None:
-            from .backends.host import HostRunner
+            from .backends.targets import get_backend
 
-            self._runner = HostRunner(self.library)
+            self._runner = get_backend(self.target).runner(self.library)
         out = self._runner(*inputs)
         return out[0] if self.single_output else out
 
@@ -101,7 +101,8 @@ def _is_quantized(ir) -> bool:
 
 
 def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", calib=None,
-            pipeline: str | None = None, ctx: PassContext | None = None, dynamic_batch: bool = False) -> Artifact:
+            pipeline: str | None = None, ctx: PassContext | None = None, dynamic_batch: bool = False,
+            tune=None) -> Artifact:
     """Quantize `model` and compile it for `target`.
 
     model: a torch.nn.Module, or the path of a torch.export file (.pt2) or an ONNX file
@@ -114,11 +115,15 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
     ctx: a PassContext for debug options (print_ir_after, dump_dir, ...).
     dynamic_batch: generate code that takes any batch size (dimension 0 of every input)
         instead of code specialized to the example shapes.
+    tune: a `qc.Tune(trials=...)`: MetaSchedule-tune the kernels (database per target in the
+        user cache; a second compile of the same model reuses it).
     """
-    from .backends.host import build
-    from .backends.targets import get_target
+    from .backends.targets import get_backend
+    from .backends.tuning import plan as plan_tuning
 
-    get_target(target)  # an unknown target fails before any work
+    backend = get_backend(target)  # an unknown target or a missing cross toolchain fails before any work
+    backend.preflight()
+    tune = plan_tuning(target, tune)  # bad options fail now; None (warned) for a cross target without a device
     if isinstance(model, (str, os.PathLike)):
         model, stored = load_model_file(model, example_inputs)
         example_inputs = example_inputs if example_inputs is not None else stored
@@ -145,7 +150,7 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
     if dynamic_batch and not ir.meta["qc"]["dynamic_batch"]:
         raise TraceError("dynamic_batch=True, but the model only traces at a fixed batch size; "
                          "compile without dynamic_batch (the code is then specialized to the example shapes)")
-    library = build(ir, example_inputs, target, dynamic_batch)
+    library = backend.build(ir, example_inputs, target, dynamic_batch, **({"tune": tune} if tune else {}))
     with torch.no_grad():
         ref_out = ir(*example_inputs)
     report = build_report(float_ir, ir, as_tuple(ctx.calib[0]), target, str(pm), ctx.timings)

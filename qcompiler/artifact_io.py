@@ -4,7 +4,8 @@
     ir.json              the converted IR's graph (see `qcompiler.serialize`)
     weights.safetensors  the IR's tensors
     report.json          the compile report
-    lib.so               the compiled library for the target
+    lib.so               the compiled library (host), or for arm: model.elf (the static
+                         program), driver.c and kernels.o (what it was linked from), program.json
 
 Nothing is pickled. Loading checks every hash, so a truncated or corrupted artifact is
 refused with the file at fault named, never run.
@@ -26,7 +27,6 @@ from .report import Report
 from .serialize import ir_from_json, ir_to_json
 
 FORMAT = 1
-LIB = "lib.so"
 
 
 def _sha256(path: str) -> str:
@@ -38,7 +38,7 @@ def _sha256(path: str) -> str:
 
 
 def _write_folder(art, folder: str) -> None:
-    from .backends.host import save_library
+    from .backends.targets import get_backend
 
     os.makedirs(folder, exist_ok=True)
     graph, tensors = ir_to_json(art.ir)
@@ -47,8 +47,8 @@ def _write_folder(art, folder: str) -> None:
     save_file(tensors, os.path.join(folder, "weights.safetensors"))
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(art.report().to_json(), f, indent=1)
-    save_library(art.library, os.path.join(folder, LIB))
-    files = {n: _sha256(os.path.join(folder, n)) for n in ("ir.json", "weights.safetensors", "report.json", LIB)}
+    libs = get_backend(art.target).save(art.library, folder)
+    files = {n: _sha256(os.path.join(folder, n)) for n in ("ir.json", "weights.safetensors", "report.json", *libs)}
     manifest = {"format": FORMAT, "target": art.target, "inputs": art.inputs,
                 "single_output": art.single_output, "files": files}
     with open(os.path.join(folder, "manifest.json"), "w") as f:
@@ -80,7 +80,7 @@ def save(art, path: str) -> None:
 
 
 def load(path: str, artifact_cls):
-    from .backends.host import load_library
+    from .backends.targets import get_backend
 
     if not os.path.exists(path):
         raise ArtifactError(f"artifact {path!r} does not exist")
@@ -118,7 +118,7 @@ def load(path: str, artifact_cls):
             out.args = (out.args[0][0],)
             ir.recompile()
     report = Report.from_json(_read_json(folder, "report.json", path))
-    library = load_library(os.path.join(folder, LIB))
+    library = get_backend(manifest["target"]).load(folder)
     art = artifact_cls(ir, library, manifest["target"], manifest["inputs"], manifest["single_output"], report)
     art._tempdir = holder  # keeps extracted files alive as long as the artifact
     return art

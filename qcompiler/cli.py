@@ -1,6 +1,6 @@
 """The `qcompiler` command line.
 
-    qcompiler compile m.pt2 --target host --quant w8a8 -o out/ [--calib calib.npy]
+    qcompiler compile m.pt2 --target host --quant w8a8 -o out/ [--calib calib.npy] [--tune-trials 64]
     qcompiler opt m.pt2 -p "fake-quant(w=8,a=8),calibrate,convert" --print-ir-after-all
     qcompiler opt --replay repro/
     qcompiler run out/ --input x.npy [--output y.npy]
@@ -44,9 +44,23 @@ def _context(args) -> PassContext:
                        dump_dir=args.dump_dir, reproducer_dir=args.reproducer_dir)
 
 
+def _tune(args):
+    """--tune-trials N [--tune-db DIR] [--rpc-tracker HOST:PORT --rpc-key KEY] -> qc.Tune."""
+    from .backends.tuning import RPC, Tune
+
+    if args.tune_trials is None:
+        if args.tune_db or args.rpc_tracker or args.rpc_key:
+            raise QCompilerError("--tune-db, --rpc-tracker and --rpc-key need --tune-trials N")
+        return None
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise QCompilerError("--rpc-tracker HOST:PORT and --rpc-key KEY go together")
+    rpc = RPC(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+    return Tune(trials=args.tune_trials, database=args.tune_db, rpc=rpc)
+
+
 def cmd_compile(args):
     art = api.compile(args.model, target=args.target, quant=args.quant, pipeline=args.pipeline,
-                      ctx=_context(args), dynamic_batch=args.dynamic_batch)
+                      ctx=_context(args), dynamic_batch=args.dynamic_batch, tune=_tune(args))
     art.save(args.output)
     print(art.report())
     print(f"wrote {args.output}")
@@ -119,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-p", "--pipeline", help="pass pipeline text (overrides --quant)")
     c.add_argument("-o", "--output", required=True, help="artifact folder, or a file ending in .qca")
     c.add_argument("--dynamic-batch", action="store_true", help="code for any batch size (default: the example's)")
+    c.add_argument("--tune-trials", type=int, help="MetaSchedule-tune the kernels with this many measurements")
+    c.add_argument("--tune-db", help="tuning database folder (default: the user cache, per target)")
+    c.add_argument("--rpc-tracker", help="measure on devices of this TVM RPC tracker (HOST:PORT)")
+    c.add_argument("--rpc-key", help="device key of the RPC servers registered with the tracker")
     data_opts(c)
     c.set_defaults(fn=cmd_compile)
 

@@ -19,6 +19,8 @@ class PassContext:
         model's example inputs (batch size may differ).
     train: iterable of `(inputs..., target)` tuples for training passes.
     teacher: the float model (default: the model the IR was traced from).
+    loss_fn: the task loss for training passes, `loss_fn(output, target) -> scalar tensor`
+        (default: cross-entropy for integer targets, mean squared error for float ones).
     target: name of the compilation target, for passes that depend on it.
     verify: check the IR after every pass (shapes trace, `qc` ops well formed).
     timing: record the wall time of each pass in `timings`.
@@ -32,6 +34,7 @@ class PassContext:
     calib: Iterable | None = None
     train: Iterable | None = None
     teacher: Any = None
+    loss_fn: Any = None
     target: str = "host"
     verify: bool = True
     timing: bool = True

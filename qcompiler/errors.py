@@ -31,6 +31,17 @@ class OnnxImportError(QCompilerError):
     type or attribute value the frontend does not support."""
 
 
+class TrainingError(QCompilerError):
+    """Training passes (QAT): data that does not fit the IR, a loss that is not finite, or a
+    checkpoint that belongs to another model or is damaged."""
+
+
+class TransformError(QCompilerError):
+    """A function-preserving transform (smooth, rotate, mosf, gptq's checks) that cannot prove
+    the graph keeps its float function (refused, with the node and the reason), or whose
+    float-equivalence check failed (with the max error and the node); `.node` names it."""
+
+
 class PassError(QCompilerError):
     """A pass failed: carries the pass, the passes before it and the node at fault."""
 
@@ -52,3 +63,8 @@ class LoweringError(QCompilerError):
 
 class ArtifactError(QCompilerError):
     """A compiled artifact that is missing, truncated, corrupt or of an unknown version."""
+
+
+class TuningError(QCompilerError):
+    """Tuning options that are out of range, or a device (RPC tracker and key) that cannot be
+    reached for measurements."""

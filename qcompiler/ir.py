@@ -174,7 +174,7 @@ def get_attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tens
 
 _INT8_ARGS = {  # integer op -> positions of its int8 tensor operands
     "qc.linear_int": (0, 2), "qc.linear_int_grouped": (0, 3), "qc.conv2d_int": (0, 2),
-    "qc.matmul_int": (0, 2), "qc.dequantize": (),
+    "qc.matmul_int": (0, 2), "qc.dequantize": (), "qc.linear_weight_only": (1,),
 }
 
 

@@ -9,7 +9,8 @@ Quantization (affine, per tensor, per channel via broadcasting, or per group):
     quantize(x)      q = clamp(round_half_even(x / s) + z, qmin, qmax)        (int8)
     dequantize(q)    x = (q - z) * s                                          (float32)
     fake_quant(x)    dequantize(quantize(x)) in float, straight-through gradient inside
-                     [qmin, qmax] (zero outside), the float ops exactly those above
+                     [qmin, qmax] (zero outside), the float ops exactly those above; when
+                     `s` or `z` require grad, their LSQ/LSQ+ gradients (see the backward)
 
 `s` and `z` broadcast against `x`; with `group_size > 0` their last dimension holds one
 value per group of `group_size` consecutive elements of `x`'s last dimension (the last
@@ -33,6 +34,10 @@ per channel along `axis`. `m * 2^-sh` approximates the real rescale s_x * s_w / 
 `linear_int_grouped` serves weights with one scale per group (e.g. W4A8 with group 128): it
 forms the exact int32 partial sum of every group, then combines them in float32:
 y[..., n] = sum_g acc[..., n, g] * (s_x * s_w[n, g]) + b[n].
+
+`linear_weight_only` keeps activations float (weight-only recipes such as "w4g128", for
+memory-bound decoding): y = x @ (w * s_w).T + b in float32, with `s_w` [N, 1] per channel
+(`group_size` 0) or [N, G] per group; its outputs are compared within a float tolerance.
 
 The torch kernels compute integer products in float64, which is exact for every value an
 int8 x int8 accumulation of fewer than 2^37 terms can take.
@@ -84,13 +89,36 @@ def _fake_quant_setup(ctx, inputs, output):
     x, scale, zero_point, quant_min, quant_max, group_size = inputs
     s = _expand_groups(scale, x, group_size)
     z = _expand_groups(zero_point, x, group_size)
-    v = torch.round(x / s) + z
-    ctx.save_for_backward((v >= quant_min) & (v <= quant_max))
+    r = x / s
+    v = torch.round(r) + z
+    inside = (v >= quant_min) & (v <= quant_max)
+    ctx.group_size = group_size
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # learned quantizer: LSQ / LSQ+
+        # d y / d s: round(x/s) - x/s inside the grid, qmin - z below it, qmax - z above it;
+        # d y / d z: 0 inside, -s outside (z cancels inside: y = round(x/s) * s)
+        ds = torch.where(inside, torch.round(r) - r, torch.where(v < quant_min, quant_min - z, quant_max - z))
+        ctx.save_for_backward(inside, ds, torch.where(inside, torch.zeros_like(s), -s), scale, zero_point)
+    else:
+        ctx.save_for_backward(inside)
+
+
+def _sum_to_param(g: torch.Tensor, param: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reduce a per-element gradient to the shape of a (per tensor/channel/group) parameter."""
+    if group_size > 0 and param.numel() > 1:
+        groups = param.shape[-1]
+        g = torch.nn.functional.pad(g, (0, groups * group_size - g.shape[-1]))
+        g = g.reshape(*g.shape[:-1], groups, group_size).sum(-1)
+    return g.sum_to_size(param.shape)
 
 
 def _fake_quant_backward(ctx, grad):
-    (inside,) = ctx.saved_tensors
-    return grad * inside, None, None, None, None, None
+    inside, *lsq = ctx.saved_tensors
+    gs = gz = None
+    if lsq:  # LSQ gradients (Esser et al. 2020; offset as in LSQ+), unscaled: the trainer scales them
+        ds, dz, scale, zero_point = lsq
+        gs = _sum_to_param(grad * ds, scale, ctx.group_size) if ctx.needs_input_grad[1] else None
+        gz = _sum_to_param(grad * dz, zero_point, ctx.group_size) if ctx.needs_input_grad[2] else None
+    return grad * inside, gs, gz, None, None, None
 
 
 fake_quant.register_autograd(_fake_quant_backward, setup_context=_fake_quant_setup)
@@ -176,6 +204,19 @@ def linear_int_grouped(
 
 @linear_int_grouped.register_fake
 def _(x, x_zero_point, x_scale, weight, weight_scale, group_size, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qc::linear_weight_only", mutates_args=())
+def linear_weight_only(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    w = weight.to(torch.float32) * _expand_groups(weight_scale, weight, group_size)
+    return torch.nn.functional.linear(x.to(torch.float32), w, bias)
+
+
+@linear_weight_only.register_fake
+def _(x, weight, weight_scale, group_size, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
 
 
@@ -274,6 +315,24 @@ def dyadic(real_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mults.append(m)
         shifts.append(sh)
     return torch.tensor(mults, dtype=torch.int32), torch.tensor(shifts, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- rotations
+
+
+@torch.library.custom_op("qc::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Orthogonal Hadamard rotation y = x R of every block of `size` consecutive elements
+    of the last dim (R = (H_m kron H_2^k) / sqrt(size), `qcompiler.hadamard`): online
+    rotations that cannot be folded into weights (QuaRot)."""
+    from .hadamard import hadamard_reference
+
+    return hadamard_reference(x, size)
+
+
+@hadamard.register_fake
+def _(x, size):
+    return torch.empty_like(x)
 
 
 QUANT_OPS = (torch.ops.qc.fake_quant.default, torch.ops.qc.quantize.default, torch.ops.qc.dequantize.default)

@@ -43,7 +43,7 @@ def test_unknown_option_lists_valid_ones():
 
 
 @pytest.mark.parametrize("text,message", [
-    ("calibrate(observer=kl)", "expected one of minmax, percentile, mse"),
+    ("calibrate(observer=entropy)", "expected one of minmax, percentile, mse, kl"),
     ("fake-quant(w=four)", "cannot read 'four'"),
     ("fake-quant(a_symmetric=maybe)", "expected true or false"),
     ("fake-quant(w=8", r"unclosed '\('"),

@@ -1,0 +1,197 @@
+"""Schedule of the `dot` kernels: register tiles, tensorized inner products, fused epilogue.
+
+After FuseOps/FuseTIR a kernel's PrimFunc holds, in order: elementwise prologue blocks (if
+any), the activation stage `qc_dot_act` (and `qc_dot_pack` for matmul), the dot block
+annotated "qc.dot", its output `qc_dot_out` and the fused epilogue (bias, requantizer, clamp,
+cast). `schedule_dot` turns that into
+
+    for j in N / (NR*L):                      # a column of NR weight blocks stays in L1
+      for i in M / MR:                        # all row tiles reuse it
+        acc[MR, NR, L] = 0                    # registers
+        for k in K / S:
+          for r in MR, b in NR:  acc[r, b, :] += intrinsic(a[i*MR + r, k*S : k*S + S], wp[j*NR + b, k])
+        out[i*MR : .., j*NR*L : ..] = epilogue(acc + comp)   # requantize straight from registers
+
+with the epilogue inlined into one block computed per tile, prologue blocks inlined into the
+activation stage, and batch dimensions (matmul) outermost with the operand stages computed per
+batch. MR and NR come from the block's annotations (`dot.tiles`); `schedule_dot(func, mr, nr)`
+takes other values that divide the padded sizes, which is how a tuner would search them. If
+the fused form cannot be built (an unexpected block structure) the dot is tiled and
+tensorized alone ("root"); the kernel is correct either way. `ScheduleDots` is the Relax pass
+that schedules every such PrimFunc and marks it `tirx.is_scheduled` so MetaSchedule and dlight
+leave it alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import tvm
+from tvm import relax, s_tir, tirx
+
+from qcompiler.errors import LoweringError
+
+from .dot import ANNOTATION, KERNELS
+
+SCHEDULE_ATTR = "qc.dot_schedule"  # "<kernel> <MR>x<NR> fused|root": what `schedule_dot` did
+
+
+def _attr(func, key):
+    return func.attrs is not None and bool(func.attrs.get(key, False))
+
+
+def find_dot(sch: s_tir.Schedule):
+    """The annotated dot block among the top-level blocks of sch's function, or None."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if ANNOTATION in sch.get(block).annotations:
+            return block
+    return None
+
+
+def _params(sch, dot, mr, nr):
+    ann = sch.get(dot).annotations
+    kern = KERNELS[str(ann[ANNOTATION])]
+    mr0, nr0, nb = int(ann["qc.mr"]), int(ann["qc.nr"]), int(ann["qc.batch"])
+    mr, nr = mr or mr0, nr or nr0
+    if mr < 1 or nr < 1 or mr0 % mr or nr0 % nr:
+        raise LoweringError(f"{kern.name} kernel: a {mr}x{nr} register tile does not divide the {mr0}x{nr0} "
+                            f"tile its operands are padded to; use divisors of {mr0} and {nr0}, or build the "
+                            "kernel with other tiles (`dot.tiles`)")
+    return kern, mr, nr, nb
+
+
+def _tensorize_tile(sch, dot, kern) -> None:
+    """Loops (.., r, b, l, k, s) of the dot under one tile: k outermost, intrinsic on (l, s)."""
+    dm, dno, dl, dko, dki = sch.get_loops(dot)[-5:]
+    sch.reorder(dko, dm, dno, dl, dki)
+    init = sch.decompose_reduction(dot, dko)
+    sch.tensorize(dl, kern.intrin)
+    sch.unroll(dm)
+    sch.unroll(dno)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _vectorize_inner(sch, block, width: int) -> None:
+    """Vectorize the innermost loop of `block` in chunks of `width` when they divide it."""
+    loop = sch.get_loops(block)[-1]
+    extent = sch.get(loop).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) % width == 0 and int(extent) >= width:
+        sch.vectorize(sch.split(loop, [None, width])[-1])
+
+
+def _fused(sch, dot, kern, mr, nr, nb) -> None:
+    top = list(sch.get_child_blocks(sch.get_sblock("root")))
+    names = [sch.get(b).name_hint for b in top]
+    at = names.index(sch.get(dot).name_hint)
+    stages = [b for b in sch.get_producers(dot)]
+    prologue = [b for b in top[:at] if sch.get(b).name_hint not in {sch.get(s).name_hint for s in stages}]
+    for b in prologue:  # elementwise ops feeding the operands: computed inside the operand stage
+        _try(sch.compute_inline, b)
+    for b in top[at + 1:-1]:  # bias, requantizer, ...: inlined into one epilogue block
+        sch.compute_inline(b)
+    last = top[-1]
+    *batch, m, n = sch.get_loops(last)
+    if len(batch) != nb:
+        raise ValueError(f"the output block has {len(batch)} batch loops, the dot {nb}")
+    mo, mi = sch.split(m, [None, mr])
+    jo, ji = sch.split(n, [None, nr * kern.lanes])
+    sch.reorder(jo, mo, mi, ji)
+    sch.compute_at(dot, mo, preserve_unit_loops=True)
+    for stage in stages:  # operands per batch, next to their use
+        if batch:
+            sch.compute_at(stage, batch[-1], preserve_unit_loops=True)
+        _try(_vectorize_inner, sch, stage, 32 // (2 if kern.act_dtype == "int16" else 1))
+    _tensorize_tile(sch, dot, kern)
+    _try(_vectorize_inner, sch, last, kern.lanes)  # a ragged last tile has a predicate: stays scalar
+
+
+def _try(f, *args) -> None:
+    """Apply an optional schedule step; the kernel is correct without it."""
+    try:
+        f(*args)
+    except RuntimeError:
+        pass
+
+
+def _root(sch, dot, kern, mr, nr, nb) -> None:
+    loops = sch.get_loops(dot)
+    batch, m, no = loops[:nb], loops[nb], loops[nb + 1]
+    mo, mi = sch.split(m, [None, mr])
+    jo, ji = sch.split(no, [None, nr])
+    sch.reorder(*batch, jo, mo, mi, ji)
+    _tensorize_tile(sch, dot, kern)
+
+
+def schedule_dot(func: tirx.PrimFunc, mr: int | None = None, nr: int | None = None) -> tuple[tirx.PrimFunc, str]:
+    """Schedule the dot kernel in `func` (tiles MR x NR from its annotations unless given);
+    returns the scheduled function and "fused" or "root"."""
+    base = s_tir.Schedule(func)
+    dot = find_dot(base)
+    if dot is None:
+        raise LoweringError(f"no block annotated {ANNOTATION!r} in this function: schedule_dot takes the "
+                            "kernels of `dot.linear_te` / `dot.matmul_te` (after fusion or alone)")
+    kern, mr, nr, nb = _params(base, dot, mr, nr)
+    errors = []
+    for how, build in (("fused", _fused), ("root", _root)):
+        sch = base.copy()
+        try:
+            build(sch, find_dot(sch), kern, mr, nr, nb)
+        except Exception as e:  # noqa: BLE001 (TVM raises several types; the next form is tried)
+            errors.append(f"{how}: {type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
+            continue
+        return sch.mod["main"].with_attr(SCHEDULE_ATTR, f"{kern.name} {mr}x{nr} {how}"), how
+    raise LoweringError(f"could not tensorize the {kern.name} kernel ({'; '.join(errors)})")
+
+
+@tvm.transform.module_pass(opt_level=0, name="qc.ScheduleDots")
+def ScheduleDots(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named like TVM's)
+    """Schedule every PrimFunc holding a qc.dot block and mark it tirx.is_scheduled."""
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or _attr(func, "tirx.is_scheduled"):
+            continue
+        if find_dot(s_tir.Schedule(func)) is None:
+            continue
+        try:
+            scheduled, _ = schedule_dot(func)
+        except LoweringError as e:  # still correct, only slow: say so
+            warnings.warn(f"{gv.name_hint}: int8 dot kernel left unscheduled ({e})", stacklevel=2)
+            continue
+        updates[gv] = scheduled.with_attr("tirx.is_scheduled", True)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
+def dot_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The target's default Relax pipeline (`relax.get_default_pipeline` for LLVM CPU targets)
+    with `ScheduleDots` right after fusion; other targets get their default pipeline."""
+    if target.kind.name != "llvm":
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cpu_generic import pipeline as stages  # (its package omits dataflow_lower_passes)
+
+    passes = (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots]
+              + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
+
+    @tvm.transform.module_pass(opt_level=0, name="qc.DotPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def scheduled_dots(mod: tvm.IRModule) -> dict[str, str]:
+    """PrimFunc name -> its `SCHEDULE_ATTR` for every function `ScheduleDots` scheduled."""
+    return {gv.name_hint: str(f.attrs[SCHEDULE_ATTR]) for gv, f in mod.functions.items()
+            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and SCHEDULE_ATTR in f.attrs}
+
+
+def fused_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """`mod` after the first half of `dot_pipeline` (library dispatch, legalize, fusion,
+    ScheduleDots): the kernels as they will be compiled, for inspection."""
+    from tvm.relax.backend.cpu_generic import pipeline as stages
+
+    with target:
+        return tvm.transform.Sequential(stages.library_dispatch_passes(target) + stages.legalize_passes(target)
+                                        + [ScheduleDots])(mod)

@@ -1,0 +1,302 @@
+"""Accuracy of the low-bit recipes on real models, side by side with peer quantizers.
+
+    python benchmarks/accuracy.py                     # all models (long: see --quick)
+    python benchmarks/accuracy.py --models smollm2 --quick --recipes rtn,rotate-hadamard --bits W4A4
+
+One table per model, one row per recipe (the project's passes, run on the traced IR), one
+column per bit setting, float on top and peers at the same bits below:
+- SmolLM2-135M-Instruct (weights dequantized from the package's Q4_1 GGUF): perplexity on the
+  first n windows of 512 tokens of gensim's Wikipedia test text (TOOLCHAIN_NOTES protocol).
+  The 210 linears of the blocks are quantized (symmetric max-abs weights, per channel at
+  8 bits, group 128 at 4 bits with a ragged last group of 64 for K=576; activations per
+  token, dynamic, symmetric); embeddings, lm_head and attention products stay float; KV4
+  adds keys per channel and values per token at 4 bits.
+- all-MiniLM-L6-v2: mean / min cosine of sentence embeddings to float on n Wikipedia
+  sentences, and the Spearman correlation with WordSim-353's human scores.
+- EfficientNet-Lite0: top-1 agreement with float and KL(float || quantized) on augmented
+  crops of the scikit-image / scikit-learn sample photos (per-tensor static activations).
+Results are cached in the user cache dir (`--fresh` recomputes); `--quick` uses fewer windows,
+sentences and crops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore")
+
+import qcompiler as qc  # noqa: E402
+from qcompiler.ir import copy_ir, op_name  # noqa: E402
+
+from benchmarks import realdata as rd  # noqa: E402
+from benchmarks import accuracy_peers as peers  # noqa: E402
+
+BITS = {"W8A8": (8, 8, 0), "W4A8": (4, 8, 0), "W4A4": (4, 4, 0), "W4A4KV4": (4, 4, 4)}
+LLM_ROT = "heads=true,keys=true,online=*.down_proj"
+LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
+    "rtn": ([], []),
+    "smooth": (["smooth(alpha=0.5)"], []),
+    "rotate-hadamard": ([f"rotate(kind=hadamard,{LLM_ROT})"], []),
+    "rotate-klt": ([f"rotate(kind=klt-hadamard,{LLM_ROT})"], []),
+    "gptq": ([], ["gptq"]),
+    "rotate+gptq": ([f"rotate(kind=hadamard,{LLM_ROT})"], ["gptq"]),
+}
+BERT_RECIPES = {
+    "rtn": ([], []),
+    "smooth": (["smooth(alpha=0.5)"], []),
+    "rotate-hadamard": (["rotate(residual=false,online=*)"], []),
+    "rotate-hadamard-va": (["rotate(residual=false,online=*,variance_aligned=true)"], []),
+    "gptq": ([], ["gptq"]),
+    "rotate+gptq": (["rotate(residual=false,online=*)"], ["gptq"]),
+}
+
+
+def fq_text(bits: str, skip: str = "", ops: str = "linear") -> str:
+    w, a, kv = BITS[bits]
+    gran = "granularity=channel" if w == 8 else "granularity=group,group=128"
+    text = f"fake-quant(w={w},a={a},{gran},a_granularity=token,a_symmetric=true,ops={ops}"
+    return text + (f",skip={skip}" if skip else "") + (f",kv={kv}" if kv else "") + ")"
+
+
+class Cache:
+    def __init__(self, fresh: bool):
+        self.path = os.path.join(rd.cache_dir("accuracy"), "results.json")
+        self.data = {} if fresh or not os.path.exists(self.path) else json.load(open(self.path))
+
+    def get(self, key, fn):
+        if key not in self.data or not self.data[key].get("error", "n/a").startswith("n/a"):
+            t = time.time()
+            try:
+                self.data[key] = fn()
+            except Exception as e:  # a row that fails is reported as such, not hidden
+                self.data[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            self.data[key]["seconds"] = round(time.time() - t, 1)
+            on_disk = json.load(open(self.path)) if os.path.exists(self.path) else {}
+            on_disk[key] = self.data[key]  # other runs may have added rows meanwhile: merge
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(on_disk, f, indent=1)
+            os.replace(tmp, self.path)
+            print(f"  {key}: {self.data[key]}", flush=True)
+        return self.data[key]
+
+
+def run_pipeline(ir0, recipe, bits, calib, skip="", ops="linear"):
+    pre, post = recipe
+    ir = copy_ir(ir0)
+    text = ",".join(pre + [fq_text(bits, skip, ops)] + post)
+    ctx = qc.PassContext(calib=calib, verify=False)
+    qc.PassManager.parse(text).run(ir, ctx)
+    return ir, text
+
+
+# ---------------------------------------------------------------- SmolLM2
+
+
+def perplexity(fn, windows) -> float:
+    nll = []
+    with torch.no_grad():
+        for w in windows:
+            logits = fn(w[None])[0]
+            nll.append(torch.nn.functional.cross_entropy(logits[:-1].float(), w[1:], reduction="sum"))
+    return math.exp(float(torch.stack(nll).sum()) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def smollm2(args, cache: Cache) -> dict:
+    model, tok = rd.load_smollm2()
+    n = 4 if args.quick else 40
+    windows = rd.wiki_windows(tok, n=300, length=512)
+    evalw, calib = windows[:n], [w[None] for w in windows[200: 200 + (4 if args.quick else 8)]]
+    wrapped = rd.LogitsOnly(model)
+    table = {"float": {b: cache.get(f"smollm2|float|{n}", lambda: {"ppl": perplexity(wrapped, evalw)}) for b in BITS}}
+    state = {}
+
+    def traced():
+        if "ir" not in state:
+            state["ir"] = qc.trace(wrapped, (evalw[:1],))
+            state["lm_head"] = next(x.name for x in state["ir"].graph.nodes if op_name(x) == "aten.linear"
+                                    and x.meta["val"].shape[-1] == model.config.vocab_size)
+        return state["ir"]
+
+    for name in args.recipes or LLM_RECIPES:
+        if name not in LLM_RECIPES:
+            continue
+        for bits in args.bits or BITS:
+            def row(name=name, bits=bits):
+                ir0 = traced()
+                ir, text = run_pipeline(ir0, LLM_RECIPES[name], bits, calib, skip=state["lm_head"])
+                return {"ppl": perplexity(ir, evalw), "pipeline": text}
+            table.setdefault(name, {})[bits] = cache.get(f"smollm2|{name}|{bits}|{n}", row)
+    if not args.no_peers:
+        for bits in args.bits or BITS:
+            table.setdefault("torchao", {})[bits] = cache.get(
+                f"smollm2|torchao|{bits}|{n}", lambda bits=bits: peers.torchao_llm(model, bits, lambda m: perplexity(rd.LogitsOnly(m), evalw)))
+    return {"n": n, "metric": "perplexity", "rows": table}
+
+
+# ---------------------------------------------------------------- MiniLM
+
+
+def minilm(args, cache: Cache) -> dict:
+    from scipy.stats import spearmanr
+
+    bert, tok = rd.load_minilm()
+    n = 100 if args.quick else 500
+    enc = rd.MiniLMEncoder(bert).eval()
+    sents = rd.wiki_sentences(n)
+    b = tok(sents, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    words = rd.wordsim353()
+    vocab = sorted({w for a, c, _ in words for w in (a, c)})
+    wb = tok(vocab, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    calib_s = rd.wiki_sentences(n + 64)[n:]
+    cb = tok(calib_s, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    calib = [(cb.input_ids[i: i + 16], cb.attention_mask[i: i + 16]) for i in range(0, 64, 16)]
+
+    def embed(fn, ids, mask):
+        with torch.no_grad():
+            return torch.cat([fn(ids[i: i + 50], mask[i: i + 50]) for i in range(0, ids.shape[0], 50)])
+
+    ref = embed(enc, b.input_ids, b.attention_mask)
+
+    def score(fn):
+        e = embed(fn, b.input_ids, b.attention_mask)
+        cos = (e * ref).sum(-1) / (e.norm(dim=-1) * ref.norm(dim=-1))
+        we = embed(fn, wb.input_ids, wb.attention_mask)
+        idx = {w: i for i, w in enumerate(vocab)}
+        sims = [float(torch.cosine_similarity(we[idx[a]], we[idx[c]], dim=0)) for a, c, _ in words]
+        rho = spearmanr(sims, [s for _, _, s in words]).statistic
+        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "spearman": float(rho)}
+
+    table = {"float": {bt: cache.get(f"minilm|float|{n}", lambda: score(enc)) for bt in BITS}}
+    state = {}
+
+    def traced():
+        if "ir" not in state:
+            state["ir"] = qc.trace(enc, (b.input_ids[:2], b.attention_mask[:2]))
+        return state["ir"]
+
+    for name in args.recipes or BERT_RECIPES:
+        if name not in BERT_RECIPES:
+            continue
+        for bits in args.bits or BITS:
+            def row(name=name, bits=bits):
+                ir, text = run_pipeline(traced(), BERT_RECIPES[name], bits, calib)
+                return {**score(ir), "pipeline": text}
+            table.setdefault(name, {})[bits] = cache.get(f"minilm|{name}|{bits}|{n}", row)
+    if not args.no_peers:
+        table["onnxruntime"] = {"W8A8": cache.get(f"minilm|onnxruntime|W8A8|{n}", lambda: peers.ort_dynamic(enc, (b.input_ids[:2], b.attention_mask[:2]), score))}
+    return {"n": n, "metric": "cosine mean / min, WordSim Spearman", "rows": table}
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+
+
+def efficientnet(args, cache: Cache) -> dict:
+    model = rd.load_efficientnet_lite0()
+    crops = 2 if args.quick else 8
+    imgs = rd.sample_images(crops=crops)
+    calib_imgs = rd.sample_images(crops=2, seed=1)
+    calib = [calib_imgs[i: i + 8] for i in range(0, calib_imgs.shape[0], 8)]
+    with torch.no_grad():
+        ref = torch.cat([model(imgs[i: i + 16]) for i in range(0, imgs.shape[0], 16)])
+
+    def score(fn):
+        with torch.no_grad():
+            out = torch.cat([fn(imgs[i: i + 16]) for i in range(0, imgs.shape[0], 16)])
+        agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+        kl = float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean"))
+        return {"top1_agree": agree, "kl": kl}
+
+    ir0 = qc.trace(model, (imgs[:2],))
+    table = {"float": {bt: {"top1_agree": 1.0, "kl": 0.0} for bt in ("W8A8", "W4A8", "W4A4")}}
+    for name, obs in (("rtn-minmax", "minmax"), ("rtn-kl", "kl"), ("rtn-mse", "mse")):
+        for bits in ("W8A8", "W4A8", "W4A4"):
+            w, a, _ = BITS[bits]
+
+            def row(w=w, a=a, obs=obs):
+                ir = copy_ir(ir0)
+                text = f"fold-batchnorm,fake-quant(w={w},a={a}),calibrate(observer={obs})"
+                qc.PassManager.parse(text).run(ir, qc.PassContext(calib=calib, verify=False))
+                return {**score(ir), "pipeline": text}
+            table.setdefault(name, {})[bits] = cache.get(f"effnet|{name}|{bits}|{crops}", row)
+    if not args.no_peers:
+        table["onnxruntime"] = {"W8A8": cache.get(f"effnet|onnxruntime|W8A8|{crops}", lambda: peers.ort_static(model, imgs[:2], calib, score))}
+    return {"n": imgs.shape[0], "metric": "top-1 agreement / KL", "rows": table}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _fmt(model: str, v: dict) -> str:
+    if not v:
+        return "-"
+    if "error" in v:
+        return "error"
+    if model == "smollm2":
+        return f"{v['ppl']:.2f}"
+    if model == "minilm":
+        return f"{v['cos_mean']:.4f}/{v['cos_min']:.3f}/{v['spearman']:.3f}"
+    return f"{v['top1_agree']:.3f}/{v['kl']:.4f}"
+
+
+def print_table(model: str, res: dict) -> None:
+    cols = [b for b in BITS if any(b in r for r in res["rows"].values())]
+    print(f"\n## {model} ({res['metric']}, n={res['n']})")
+    print("| recipe | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, row in res["rows"].items():
+        print(f"| {name} | " + " | ".join(_fmt(model, row.get(b, {})) for b in cols) + " |")
+    errors = [(n, b, v["error"]) for n, r in res["rows"].items() for b, v in r.items() if "error" in v]
+    for n, b, e in errors:
+        print(f"  {n} {b}: {e}")
+
+
+def cached_tables(cache: Cache, args) -> None:
+    sizes = {"smollm2": 4 if args.quick else 40, "minilm": 100 if args.quick else 500,
+             "efficientnet": 2 if args.quick else 8}
+    metric = {"smollm2": "perplexity", "minilm": "cosine mean / min, WordSim Spearman",
+              "efficientnet": "top-1 agreement / KL"}
+    short = {"smollm2": "smollm2", "minilm": "minilm", "efficientnet": "effnet"}
+    for model in args.models.split(","):
+        rows: dict = {}
+        for key, v in cache.data.items():
+            m, recipe, *rest = key.split("|")
+            if m != short[model] or rest[-1] != str(sizes[model]):
+                continue
+            for bits in ([rest[0]] if len(rest) == 2 else list(BITS)):
+                rows.setdefault(recipe, {})[bits] = v
+        order = ["float"] + [r for r in rows if r not in ("float", "torchao", "onnxruntime")] + ["torchao", "onnxruntime"]
+        print_table(model, {"n": sizes[model], "metric": metric[model], "rows": {r: rows[r] for r in order if r in rows}})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="smollm2,minilm,efficientnet")
+    p.add_argument("--recipes", type=lambda s: s.split(","), default=None)
+    p.add_argument("--bits", type=lambda s: s.split(","), default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--table", action="store_true", help="only print the tables of what is cached")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    cache = Cache(args.fresh)
+    if args.table:
+        return cached_tables(cache, args)
+    runners = {"smollm2": smollm2, "minilm": minilm, "efficientnet": efficientnet}
+    results = {m: runners[m](args, cache) for m in args.models.split(",")}
+    for m, res in results.items():
+        print_table(m, res)
+
+
+if __name__ == "__main__":
+    main()

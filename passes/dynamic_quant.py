@@ -1,0 +1,63 @@
+"""Dynamic activation quantizers for `fake-quant`: per token, and the KV cache.
+
+A dynamic quantizer computes its scale from the tensor it quantizes, at run time, with
+ordinary ATen ops in the graph, then applies `qc.fake_quant` with that scale:
+
+    symmetric:   s = max|x| / qmax over `dims` (kept),  z = 0
+    asymmetric:  lo = min(min x, 0), hi = max(max x, 0),  s = (hi - lo) / (qmax - qmin),
+                 z = qmin - round(lo / s)
+
+Per token reduces over the last dim (one scale per row). KV-cache quantization (KIVI, Liu
+et al. 2024) quantizes keys per channel (reducing over the tokens, dim -2 of [B, H, T, D],
+so each channel of the cache has its scale over the window) and values per token (over
+dim -1). Their `meta["qc"]` role is "act_dynamic": `calibrate` leaves them alone and
+`convert` keeps the ops they feed in float simulation (no integer kernel takes a run-time
+scale yet).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from .attention import find_attention
+
+A = torch.ops.aten
+
+
+def dynamic_quantizer(gm, x: torch.fx.Node, bits: int, dims: list[int], symmetric: bool,
+                      before: torch.fx.Node, what: str) -> torch.fx.Node:
+    """Insert s, z = f(x) and fake_quant(x, s, z) before `before`; returns the fake_quant node."""
+    qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax if symmetric else -qmax - 1
+    g = gm.graph
+    with g.inserting_before(before):
+        if symmetric:
+            amax = g.call_function(A.amax.default, (g.call_function(A.abs.default, (x,)), dims, True))
+            s = g.call_function(A.clamp_min.default, (g.call_function(A.div.Tensor, (amax, float(qmax))), 1e-8))
+            z = g.call_function(A.mul.Tensor, (s, 0.0))
+        else:
+            lo = g.call_function(A.clamp_max.default, (g.call_function(A.amin.default, (x, dims, True)), 0.0))
+            hi = g.call_function(A.clamp_min.default, (g.call_function(A.amax.default, (x, dims, True)), 0.0))
+            rng = g.call_function(A.sub.Tensor, (hi, lo))
+            s = g.call_function(A.clamp_min.default, (g.call_function(A.div.Tensor, (rng, float(qmax - qmin))), 1e-8))
+            z = g.call_function(A.rsub.Scalar, (g.call_function(A.round.default, (g.call_function(A.div.Tensor, (lo, s)),)), qmin))
+        fq = g.call_function(torch.ops.qc.fake_quant.default, (x, s, z, qmin, qmax, 0))
+    if "val" in x.meta:
+        fq.meta["val"] = x.meta["val"]
+    fq.meta["qc"] = {"role": "act_dynamic", "bits": bits, "symmetric": symmetric, "granularity": what,
+                     "dims": list(dims)}
+    return fq
+
+
+def quantize_kv(gm, bits: int, symmetric: bool) -> list[str]:
+    """Keys per channel and values per token at every attention found; returns the
+    attention score nodes whose cache was quantized."""
+    done = []
+    for att in find_attention(gm):
+        kq = dynamic_quantizer(gm, att.k, bits, [-2], symmetric, att.k_t, "kv-key-channel")
+        att.k_t.update_arg(0, kq)
+        vq = dynamic_quantizer(gm, att.v, bits, [-1], symmetric, att.pv, "kv-value-token")
+        att.pv.update_arg(1, vq)
+        done.append(att.scores.name)
+    return done

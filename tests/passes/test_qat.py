@@ -1,0 +1,191 @@
+"""qat: training recovers low-bit accuracy, the integer model computes what was trained, and
+each training feature (LSQ+, distillation, EdgeQAT, Teacher Intervention, low-rank adapters,
+data-free) does what it says."""
+
+import re
+
+import pytest
+import torch
+
+import qcompiler as qc
+from qcompiler import zoo
+from qcompiler.ir import add_constant, copy_ir, get_attr_tensor, op_name
+from qcompiler.passes.qat_graph import attention_qk, float_teacher, view
+from qcompiler.passes.qat_lora import make_adapters, merge
+from qcompiler.passes.qat_params import QuantParams, fake_quants
+
+
+def _quantized(model, example, recipe, calib):
+    ir = qc.trace(model, (example,))
+    qc.PassManager.parse(f"{recipe},calibrate").run(ir, qc.PassContext(calib=calib))
+    return ir
+
+
+def _qat(ir, options, **ctx):
+    c = qc.PassContext(**ctx)
+    qc.PassManager.parse(f"qat({options})").run(ir, c)
+    return c.results[-1][1]
+
+
+@pytest.fixture(scope="module")
+def digits(digits_data):
+    x, y, xt, yt = digits_data
+    return x, y, xt, yt, list(x[:256].split(64)), list(zip(x.split(64), y.split(64)))
+
+
+def test_qat_recovers_w2a4_and_the_integer_model_agrees(digits_cnn, digits):
+    """W2A4 digits CNN: QAT (task loss) closes more than half of PTQ's accuracy loss, and the
+    converted integer IR gives the trained fake-quant IR's predictions (relative error < 1e-5)."""
+    x, y, xt, yt, calib, train = digits
+    float_acc = zoo.accuracy(digits_cnn, xt, yt)
+    before = {k: v.clone() for k, v in digits_cnn.state_dict().items()}
+    ir = _quantized(digits_cnn, x[:2], "fake-quant(w=2,a=4)", calib)
+    ptq = zoo.accuracy(ir, xt, yt)
+    res = _qat(ir, "steps=60,lr=1e-3,loss=task", calib=calib, train=train)
+    qat = zoo.accuracy(ir, xt, yt)
+    assert all(torch.equal(v, before[k]) for k, v in digits_cnn.state_dict().items())  # the IR trained a copy
+    assert float_acc - qat < 0.5 * (float_acc - ptq), (float_acc, ptq, qat)
+    assert res.details["losses"][-1] < res.details["losses"][0]
+    integer = copy_ir(ir)
+    qc.PassManager.parse("convert").run(integer, qc.PassContext())
+    assert any(op_name(n) == "qc.conv2d_int" for n in integer.graph.nodes)
+    with torch.no_grad():
+        a, b = ir(xt), integer(xt)
+    assert float((a - b).norm() / a.norm()) < 1e-5
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) > 0.99
+
+
+def test_learned_scales_and_offsets_are_what_convert_reads(digits_mlp, digits):
+    """LSQ+ moves the activation scales and zero points (the latter stay integers on the grid),
+    the IR keeps them as buffers, and convert's quantize nodes read exactly those values."""
+    x, y, xt, yt, calib, train = digits
+    ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=3,a=3)", [c.flatten(1) for c in calib])
+    acts = fake_quants(ir, "act")
+    before = {n.name: (float(get_attr_tensor(ir, n.args[1])), float(get_attr_tensor(ir, n.args[2]))) for n in acts}
+    text_before = qc.print_ir(ir)
+    _qat(ir, "steps=40,lr=1e-3,lr_quant=1e-2,loss=task", train=[(a.flatten(1), b) for a, b in train])
+    after = {n.name: (float(get_attr_tensor(ir, n.args[1])), float(get_attr_tensor(ir, n.args[2]))) for n in acts}
+    assert all(after[k][0] != before[k][0] for k in before)
+    assert all(z == round(z) and -4 <= z <= 3 for _, z in after.values())
+    assert not list(ir.parameters()) or not any(p.requires_grad for p in ir.parameters() if p.dim() == 0)
+    assert {name for name, _ in ir.named_buffers()} >= {n.args[1].target for n in acts}
+    strip = lambda t: re.sub(r"  \{.*\}", "", t)  # noqa: E731  (structure unchanged, meta aside)
+    assert strip(qc.print_ir(ir)) == strip(text_before)
+    assert all(n.meta["qc"]["learned"] == "lsq+" for n in acts)
+    integer = copy_ir(ir)
+    qc.PassManager.parse("convert").run(integer, qc.PassContext())
+    first_q = next(n for n in integer.graph.nodes if op_name(n) == "qc.quantize")
+    s, z = float(get_attr_tensor(integer, first_q.args[1])), float(get_attr_tensor(integer, first_q.args[2]))
+    assert (s, z) == after[acts[0].name]
+
+
+def test_distillation_with_intermediates(digits_mlp, digits):
+    """loss=distill on the calibration data alone (no labels): the logits KL and the chosen
+    intermediate's feature loss both enter the loss, and the loss falls."""
+    x, y, xt, yt, calib, _ = digits
+    flat = [c.flatten(1) for c in calib]
+    ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=2,a=4)", flat)
+    ptq = zoo.accuracy(ir, xt.flatten(1), yt)
+    res = _qat(ir, "steps=60,lr=1e-3,distill_nodes=linear_1", calib=flat)
+    assert set(res.details["last_parts"]) == {"distill", "features"}
+    losses = res.details["losses"]
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    assert zoo.accuracy(ir, xt.flatten(1), yt) > ptq
+
+
+def test_a_given_teacher_is_traced_and_matches_the_default(digits_mlp, digits):
+    """PassContext(teacher=the float model) is traced and distilled from, intermediates
+    included, exactly as the default teacher (the IR with its quantizers bypassed) is."""
+    x, _, _, _, calib, _ = digits
+    flat = [c.flatten(1) for c in calib]
+    runs = []
+    for teacher in (None, digits_mlp):
+        ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=3,a=4)", flat)
+        runs.append(_qat(ir, "steps=6,lr=1e-3,distill_nodes=linear_1", calib=flat, teacher=teacher).details["losses"])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_edgeqat_finds_queries_and_keys_and_trains():
+    """On a transformer block the q@k^T matmul's two quantizers are found (not att@v's), and
+    loss=edgeqat trains with the entropy and distribution terms on them."""
+    torch.manual_seed(0)
+    block = zoo.TransformerBlock(d=32, heads=2, ffn=64).eval()
+    calib = [torch.randn(4, 6, 32) for _ in range(3)]
+    ir = _quantized(block, calib[0][:2], "fake-quant(w=4,a=4)", calib)
+    pairs = attention_qk(ir)
+    assert len(pairs) == 1
+    q, k = pairs[0]
+    matmul = next(iter(q.users))
+    assert k in matmul.args and any(op_name(u) == "aten.div.Tensor" for u in matmul.users)
+    res = _qat(ir, "steps=20,lr=1e-4,loss=edgeqat,output_loss=mse", calib=calib)
+    assert set(res.details["last_parts"]) == {"distill", "entropy", "distribution"}
+    assert res.details["qk_quantizers"] == [q.name, k.name]
+
+
+def test_teacher_intervention_feeds_teacher_values_then_withdraws(digits_mlp, digits):
+    """The intervention view computes the student with the teacher's value at the node; a run
+    with intervene trains phase 1 with the intervention loss and ends in the plain student."""
+    x, _, xt, yt, calib, _ = digits
+    flat = [c.flatten(1) for c in calib]
+    ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=2,a=4)", flat)
+    teacher = float_teacher(ir)
+    t_relu = view(teacher, ["relu"], what="teacher")(flat[0])[1]
+    out, own = view(ir, ["relu"], ["relu"])(flat[0], t_relu)
+    by_hand = copy_ir(ir)  # the student with the teacher's value stored in place of relu's
+    node = next(n for n in by_hand.graph.nodes if n.name == "relu")
+    node.replace_all_uses_with(add_constant(by_hand, "t_relu", t_relu, node))
+    by_hand.recompile()
+    assert torch.equal(out, view(by_hand)(flat[0])[0])
+    assert not torch.equal(own, t_relu)
+    res = _qat(ir, "steps=30,lr=1e-3,intervene=relu,intervene_steps=10", calib=flat)
+    assert "intervention" not in res.details["last_parts"] and len(res.details["losses"]) == 30
+
+
+def test_lora_adapters_train_through_the_quantizer_and_merge_exactly(digits_mlp, digits):
+    """A view with adapters equals the IR after merging them; a lora_rank run trains only the
+    adapters and scales (the graph keeps no adapter node) and lowers the loss."""
+    x, _, xt, yt, calib, _ = digits
+    flat = [c.flatten(1) for c in calib]
+    ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=3,a=8)", flat)
+    qp = QuantParams(ir, "fixed", train_weights=False)
+    adapters = make_adapters(qp, 4, 0.0)
+    with torch.no_grad():
+        for a, b, _ in adapters.values():
+            b.normal_(0, 0.02)
+        expected = view(ir, adapters=adapters)(flat[0])[0]
+        merge(qp, adapters)
+    qp.restore()
+    assert torch.allclose(view(ir)(flat[0])[0], expected, atol=1e-5)
+    fresh = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=3,a=8)", flat)
+    w0 = get_attr_tensor(fresh, fake_quants(fresh, "weight")[0].args[0]).clone()
+    res = _qat(fresh, "steps=40,lr=1e-2,lora_rank=4,quantizers=lsq", calib=flat)
+    assert res.details["losses"][-1] < res.details["losses"][0]
+    assert not torch.equal(get_attr_tensor(fresh, fake_quants(fresh, "weight")[0].args[0]), w0)
+    assert "lora" not in qc.print_ir(fresh)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "noise"])
+def test_data_free_distills_the_float_model(digits_mlp, digits, data):
+    """Data-free QAT (inputs drawn from calibration statistics, or noise without any data)
+    distills the float teacher: the loss falls and accuracy does not collapse."""
+    x, _, xt, yt, calib, _ = digits
+    flat = [c.flatten(1) for c in calib]
+    ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=4,a=8)", flat)
+    ptq = zoo.accuracy(ir, xt.flatten(1), yt)
+    ctx = {"calib": flat} if data == "synthetic" else {}
+    res = _qat(ir, f"steps=40,lr=1e-4,data={data},batch=64", **ctx)
+    losses = res.details["losses"]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert zoo.accuracy(ir, xt.flatten(1), yt) > ptq - 0.05
+
+
+def test_end_to_end_compile_with_qat(digits_mlp, digits):
+    """qc.compile runs qat inside its pipeline (train data in the PassContext) and the host
+    artifact gives the trained integer IR's outputs."""
+    x, y, xt, yt, calib, train = digits
+    flat = [c.flatten(1) for c in calib]
+    ctx = qc.PassContext(train=[(a.flatten(1), b) for a, b in train])
+    art = qc.compile(digits_mlp, (xt[:32].flatten(1),), calib=flat, ctx=ctx,
+                     pipeline="fake-quant(w=4,a=4),calibrate,qat(steps=30,lr=1e-3,loss=task),convert")
+    got, ref = art(xt[:32].flatten(1)), art.ir(xt[:32].flatten(1))
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)

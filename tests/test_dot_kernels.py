@@ -1,0 +1,202 @@
+"""Tensorized int8 dot kernels (backends/dot*.py, intrin_*.py): bit-exact against the integer
+reference on the host, the dispatch per target, the assembly of the VNNI and SDOT builds, the
+SDOT kernel run under qemu, and qc.compile using them with the requantizer fused."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm.target.codegen import llvm_cpu_has_features
+
+import qcompiler as qc
+from qcompiler.backends import dot, dot_kernels as dk
+from qcompiler.backends.dot_schedule import fused_kernels, schedule_dot, scheduled_dots
+from qcompiler.backends.intrin_x86 import u8s8_pairs_exact
+from qcompiler.backends.lowering import to_relax
+from qcompiler.backends.targets import get_target, tvm_target
+
+HOST = tvm_target(get_target("host"))
+ZNVER3 = {"kind": "llvm", "mcpu": "znver3"}
+CASCADELAKE = {"kind": "llvm", "mcpu": "cascadelake"}
+ARM = tvm_target(get_target("arm"))
+needs_avx2 = pytest.mark.skipif(not llvm_cpu_has_features("avx2", tvm.target.Target(HOST)),
+                                reason="the host CPU has no AVX2")
+
+
+def _run_host(func, inputs, out_shape, out_dtype="int32"):
+    lib = dk.build(func, HOST)
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs], out)
+    return out.numpy()
+
+
+def _operands(rng, x_shape, n, w_max):
+    """Random int8 x and w with extremes planted: x rows of 127 and -128, w rows at +-w_max."""
+    x = rng.integers(-128, 128, x_shape).astype(np.int8)
+    rows = x.reshape(-1, x_shape[-1])
+    rows[0], rows[-1] = 127, -128
+    w = rng.integers(-w_max, w_max + 1, (n, x_shape[-1])).astype(np.int8)
+    w[0], w[1] = w_max, -w_max - (w_max == 127)  # full-range rows reach -128
+    return x, w, rng.integers(-5000, 5000, n).astype(np.int32)
+
+
+@needs_avx2
+@pytest.mark.parametrize("kernel,x_shape,n,zx,requantize", [
+    ("avx2_u8s8", (16, 64), 32, 3, False),
+    ("avx2_u8s8", (2, 13, 70), 33, -128, True),  # ragged rows, K and N; a batch dimension
+    ("avx2_s16s8", (16, 64), 40, 127, True),
+    ("avx2_s16s8", (1, 70), 33, -7, False),  # one row (GEMV tile), ragged K and N
+])
+def test_linear_kernel_bit_exact(kernel, x_shape, n, zx, requantize):
+    """Linear kernel on the host equals the int64 reference on random operands with extremes
+    (x = 127 / -128 rows, weights at the kernel's limits), for ragged shapes too, with and
+    without the fused requantize epilogue."""
+    rng = np.random.default_rng(hash((kernel, x_shape)) % 2**32)
+    x, w, b = _operands(rng, x_shape, n, 64 if kernel == "avx2_u8s8" else 127)
+    assert u8s8_pairs_exact(w) == (kernel == "avx2_u8s8")
+    func, consts = dk.linear_kernel(kernel, x_shape, w, zx, b, requantize=requantize)
+    assert str(func.attrs["qc.dot_schedule"]).endswith("fused")
+    ref = dk.reference_linear(x, zx, w, b)
+    if requantize:
+        ref = dk.reference_requantize(ref)
+    got = _run_host(func, [x, *consts], ref.shape, str(ref.dtype))
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_u8s8_exactness_condition_at_its_boundary():
+    """u8s8_pairs_exact: a pair of weights may hold up to 128 of positive (or negative) weight:
+    255 * 128 fits int16, 255 * 129 does not."""
+    ok = [[64, 64], [65, 63], [-64, -64], [127, -128], [-128, 127, 0, 0], [127]]
+    bad = [[65, 64], [-65, -64], [127, 127], [0, 0, -128, -1]]
+    assert all(u8s8_pairs_exact(np.array([r], np.int8)) for r in ok)
+    assert not any(u8s8_pairs_exact(np.array([r], np.int8)) for r in bad)
+
+
+@needs_avx2
+def test_dispatch_avoids_pmaddubsw_saturation():
+    """Full-range weights on which vpmaddubsw saturates: the u8s8 kernel forced on them is wrong
+    (the comparison can fail), the dispatch picks the exact int16 kernel, and it is exact."""
+    x = np.full((4, 8), 127, np.int8)  # x + 128 = 255
+    w = np.array([[127] * 8, [-128] * 8, [127, 100, -128, 5, 0, 1, 2, 3]], np.int8)
+    ref = dk.reference_linear(x, 0, w)
+    assert not u8s8_pairs_exact(w)
+    assert dot.choose_linear(tvm.target.Target(ZNVER3), w).name == "avx2_s16s8"
+    forced, consts = dk.linear_kernel("avx2_u8s8", x.shape, w, 0)
+    assert not np.array_equal(_run_host(forced, [x, *consts], ref.shape), ref)
+    kern = dot.choose_linear(tvm.target.Target(HOST), w).name
+    func, consts = dk.linear_kernel(kern, x.shape, w, 0)
+    np.testing.assert_array_equal(_run_host(func, [x, *consts], ref.shape), ref)
+
+
+@needs_avx2
+@pytest.mark.parametrize("batch,m,k,n,za,zb", [((), 16, 64, 40, 3, -5), ((2, 3), 5, 33, 21, 127, -128)])
+def test_matmul_kernel_bit_exact(batch, m, k, n, za, zb):
+    """Activation x activation kernel (both operands with zero points, b packed at run time)
+    equals the reference, extremes and ragged shapes included."""
+    rng = np.random.default_rng(m * k + n)
+    a = rng.integers(-128, 128, (*batch, m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (*batch, k, n)).astype(np.int8)
+    a.reshape(-1)[:3], b.reshape(-1)[:3] = [-128, 127, -128], [127, -128, -128]
+    ref = dk.reference_matmul(a, za, b, zb)
+    func = dk.matmul_kernel(dot.choose_matmul(tvm.target.Target(HOST), k).name, a.shape, b.shape, za, zb)
+    np.testing.assert_array_equal(_run_host(func, [a, b], ref.shape), ref)
+
+
+def test_dispatch_by_target_features():
+    """The kernel follows the target's mcpu/mattr: VNNI where avx512vnni, u8s8 only for weights
+    that cannot saturate, SDOT with dotprod, the plain kernel elsewhere."""
+    small, full = np.full((8, 16), 64, np.int8), np.full((8, 16), 127, np.int8)
+
+    def linear(t, w):
+        k = dot.choose_linear(tvm.target.Target(t), w)
+        return k and k.name
+
+    assert (linear(ZNVER3, small), linear(ZNVER3, full)) == ("avx2_u8s8", "avx2_s16s8")
+    assert linear(CASCADELAKE, full) == linear({"kind": "llvm", "mcpu": "sapphirerapids"}, small) == "vnni"
+    assert linear(ARM, full) == "sdot"
+    assert linear({**ARM, "mcpu": "cortex-a53", "mattr": ["+neon"]}, full) is None  # no dotprod
+    assert linear({"kind": "llvm", "mcpu": "x86-64"}, full) is None and linear({"kind": "c"}, full) is None
+    matmul = [dot.choose_matmul(tvm.target.Target(t), 64) for t in (ZNVER3, CASCADELAKE, ARM)]
+    assert [k and k.name for k in matmul] == ["avx2_s16", "avx2_s16", None]
+
+
+@pytest.mark.parametrize("kernel,target,instruction,absent", [
+    ("vnni", CASCADELAKE, "vpdpbusd", "vpmaddubsw"),
+    ("sdot", ARM, "sdot", "smull"),
+    ("avx2_u8s8", ZNVER3, "vpmaddubsw", "vpdpbusd"),
+    ("avx2_s16s8", ZNVER3, "vpmaddwd", "vpmaddubsw"),
+])
+def test_kernel_assembly(kernel, target, instruction, absent):
+    """Compile-only: the kernel's assembly uses its dot-product instruction (VNNI and SDOT do not
+    run on this machine; the SDOT kernel runs under qemu below)."""
+    w = np.random.default_rng(0).integers(-64, 65, (48, 64)).astype(np.int8)
+    func, _ = dk.linear_kernel(kernel, (16, 64), w, 5)
+    asm = dk.build(func, target).inspect_source("s")
+    assert instruction in asm and absent not in asm
+
+
+@pytest.mark.skipif(not llvm_cpu_has_features("avx512vnni", tvm.target.Target(HOST)),
+                    reason="the host CPU has no avx512_vnni: the VNNI kernel is only compiled (test_kernel_assembly)")
+def test_vnni_kernel_bit_exact_where_supported():
+    """VNNI kernel on a CPU with avx512_vnni: equals the reference, full-range weights included."""
+    rng = np.random.default_rng(1)
+    x, w, b = _operands(rng, (13, 70), 40, 127)
+    func, consts = dk.linear_kernel("vnni", x.shape, w, -3, b)
+    ref = dk.reference_linear(x, -3, w, b)
+    np.testing.assert_array_equal(_run_host(func, [x, *consts], ref.shape), ref)
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (make toolchains)")
+def test_sdot_kernel_bit_exact_under_qemu():
+    """SDOT kernel for the arm target, run by the arm runner under qemu-aarch64 -cpu cortex-a76:
+    equals the reference, and executes exactly one sdot per 16 multiply-adds of its padded tile."""
+    rng = np.random.default_rng(2)
+    x, w, b = _operands(rng, (8, 64), 32, 127)
+    func, consts = dk.linear_kernel("sdot", x.shape, w, 9, b)
+    got, counts = dk.arm_run(func, [x], consts, (8, 32), "int32", count=True)
+    np.testing.assert_array_equal(got, dk.reference_linear(x, 9, w, b))
+    assert counts.class_total("sdot") == 8 * 32 * 64 // 16  # tiles 4x4 (16 columns): no padding here
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.o = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.q(x) @ self.k(x).transpose(-1, -2)))
+
+
+@needs_avx2
+def test_compile_uses_the_kernels_with_the_requantizer_fused():
+    """qc.compile(w8a8) on the host: every linear_int / matmul_int becomes a tensorized kernel
+    scheduled with its epilogue (the requantizer or dequantize) fused, and the output equals
+    the IR's exactly."""
+    torch.manual_seed(0)
+    model, x = _Attention().eval(), torch.randn(2, 8, 32)
+    art = qc.compile(model, (x,), calib=[torch.randn(4, 8, 32)])
+    tgt = tvm.target.Target(HOST)
+    with tgt:
+        kernels = scheduled_dots(fused_kernels(to_relax(art.ir, (x,)), tgt))
+    ops = [n.target.__name__ for n in art.ir.graph.nodes if n.op == "call_function"]
+    assert len(kernels) == ops.count("linear_int.default") + ops.count("matmul_int.default") == 4
+    assert all(how.endswith("fused") for how in kernels.values()), kernels
+    assert sum("right_shift" in name for name in kernels) == 3  # requantized (the last one dequantizes)
+    xs = torch.randn(2, 8, 32)
+    assert torch.equal(art(xs), art.ir(xs))
+
+
+def test_schedule_rejects_tiles_that_do_not_divide_the_padding():
+    """A register tile that does not divide the tile the operands were padded to is a
+    LoweringError naming the valid divisors; a function without a dot kernel is refused."""
+    x = tvm.te.placeholder((8, 32), "int8", "x")
+    wp = tvm.te.placeholder((2, 16, 8, 2), "int8", "wp")
+    func = tvm.te.create_prim_func([x, wp, dot.linear_te(x, wp, None, 16, 0, "avx2_s16s8", 4, 2)])
+    with pytest.raises(qc.LoweringError, match="3x2 register tile does not divide the 4x2 tile"):
+        schedule_dot(func, mr=3)
+    plain, _ = dk.linear_kernel(None, (8, 32), np.ones((16, 32), np.int8), 0)
+    with pytest.raises(qc.LoweringError, match="no block annotated 'qc.dot'"):
+        schedule_dot(plain)
