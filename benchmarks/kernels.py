@@ -1,7 +1,7 @@
 """Kernel benchmark: host latency of linear layers and a transformer block, and executed
 instructions of the same layers on `arm` (under QEMU, counted by the TCG plugin).
 
-Host table (milliseconds, median of RUNS calls after WARMUP, one thread everywhere):
+Host table (milliseconds, median of benchmarks/host.py's RUNS calls after its warm-up, one thread):
   torch fp32          nn.Linear in eager PyTorch
   torch dyn int8      torch.ao dynamic quantization (activations quantized per call)
   ORT dyn int8        onnxruntime's quantize_dynamic on the same layer (activation
@@ -37,19 +37,9 @@ import torch  # noqa: E402
 import qcompiler as qc  # noqa: E402
 from qcompiler import zoo  # noqa: E402
 
-WARMUP, RUNS = 20, 200
+from host import RUNS, median_ms  # noqa: E402  (benchmarks/host.py: one timing helper)
+
 SHAPES = [(768, 768, 1), (768, 768, 16), (3072, 768, 1), (3072, 768, 16)]  # (N out, K in, tokens)
-
-
-def median_ms(fn, *args) -> float:
-    for _ in range(WARMUP):
-        fn(*args)
-    times = []
-    for _ in range(RUNS):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def linear(n: int, k: int) -> torch.nn.Module:
