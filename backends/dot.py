@@ -168,11 +168,13 @@ def _operand(t: te.Tensor, kern: DotKernel, z: int, mr: int, name: str) -> te.Te
     k to a multiple of S with zeros (reads are clamped in bounds)."""
     *outer, m, k = _dims(t.shape)
     zero = tirx.const(0, kern.act_dtype)
+    pad_m, pad_k = not (isinstance(m, int) and m % mr == 0), k % kern.kstep != 0
 
     def body(*i):
         r, kk = i[-2], i[-1]
-        v = _act(kern, t[(*i[:-2], tirx.min(r, m - 1), tirx.min(kk, k - 1))], z)
-        return tirx.if_then_else(tirx.all(r < m, kk < k), v, zero)
+        v = _act(kern, t[(*i[:-2], tirx.min(r, m - 1) if pad_m else r, tirx.min(kk, k - 1) if pad_k else kk)], z)
+        inside = [c for c, padded in ((r < m, pad_m), (kk < k, pad_k)) if padded]
+        return tirx.if_then_else(tirx.all(*inside), v, zero) if inside else v
 
     return te.compute((*outer, _pad_to(m, mr), _pad_to(k, kern.kstep)), body, name=name)
 

@@ -35,9 +35,10 @@ QC_VNNI = "qc_avx512_vnni_16x4"
 
 
 class TIR:
-    """`@TIR.prim_func(s_tir=True)` parses like `@TIR.prim_func(s_tir=True)` without that
+    """`@TIR.prim_func(s_tir=True)` parses like `@T.prim_func(s_tir=True)` without that
     decorator's `inspect.stack()`, which takes about a second per function once torch is
-    imported (the parser reads the decorator's name and keywords from the source)."""
+    imported (the parser reads the decorator's name and keywords from the source). Uses the
+    parser's own entry (`tvm.script.parser._core.parse`)."""
 
     @staticmethod
     def prim_func(s_tir: bool = True):
@@ -84,34 +85,26 @@ def _avx2_u8s8_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
             dtype="int32x8")
 
 
-@TIR.prim_func(s_tir=True)
-def _avx2_s16s8_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
-    B = T.match_buffer(b, (8, 2), "int8", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        a_i16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                              dtype="int16x16")
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_i16,
-            T.Cast("int16x16", B.vload([0, 0], "int8x16")), dtype="int32x8")
+def _avx2_s16_impl(b_dtype: str):
+    """vpmaddwd on A int16 [2] broadcast and B [8, 2] of `b_dtype` widened to int16 (a
+    `vpmovsxbw` for int8; nothing for int16)."""
+    b_vec = f"{b_dtype}x16"
 
+    @TIR.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+        B = T.match_buffer(b, (8, 2), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (8,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            a_i16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                                  dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_i16,
+                T.Cast("int16x16", B.vload([0, 0], b_vec)), dtype="int32x8")
 
-@TIR.prim_func(s_tir=True)
-def _avx2_s16_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (2,), "int16", offset_factor=1)
-    B = T.match_buffer(b, (8, 2), "int16", offset_factor=1)
-    C = T.match_buffer(c, (8,), "int32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        a_i16 = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                              dtype="int16x16")
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_i16, B.vload([0, 0], "int16x16"),
-            dtype="int32x8")
+    return impl
 
 
 @TIR.prim_func(s_tir=True)
@@ -130,15 +123,16 @@ def _vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 TensorIntrin.register(QC_AVX2_U8S8, dot_desc(8, 4, "uint8", "int8"), _avx2_u8s8_impl, override=True)
-TensorIntrin.register(QC_AVX2_S16S8, dot_desc(8, 2, "int16", "int8"), _avx2_s16s8_impl, override=True)
-TensorIntrin.register(QC_AVX2_S16, dot_desc(8, 2, "int16", "int16"), _avx2_s16_impl, override=True)
+TensorIntrin.register(QC_AVX2_S16S8, dot_desc(8, 2, "int16", "int8"), _avx2_s16_impl("int8"), override=True)
+TensorIntrin.register(QC_AVX2_S16, dot_desc(8, 2, "int16", "int16"), _avx2_s16_impl("int16"), override=True)
 TensorIntrin.register(QC_VNNI, dot_desc(16, 4, "uint8", "int8"), _vnni_impl, override=True)
 
 
 def u8s8_pairs_exact(w: np.ndarray) -> bool:
     """True iff `vpmaddubsw` cannot saturate for weights `w` [N, K] and any activations in
     [0, 255]: for every even k, 255 * (w[n,k]+ + w[n,k+1]+) <= 32767 and
-    255 * (w[n,k]- + w[n,k+1]-) <= 32768 (x+ = max(x, 0), x- = max(-x, 0))."""
+    255 * (w[n,k]- + w[n,k+1]-) <= 32768 (x+ = max(x, 0), x- = max(-x, 0)). The pairs are
+    those of the packed layout (`dot.pack_weight` keeps k in order, S = 4)."""
     w = np.asarray(w, dtype=np.int64)
     if w.shape[-1] % 2:
         w = np.concatenate([w, np.zeros((*w.shape[:-1], 1), np.int64)], axis=-1)

@@ -20,6 +20,8 @@ refuses a width or group size no kernel takes, or weights that do not fit their 
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from qcompiler.errors import LoweringError
@@ -94,6 +96,6 @@ def check_layer(layer: str, bits: int, group: int = 0, values: np.ndarray | None
 
 def check_act_bits(layer: str, bits) -> None:
     """Activations are int8 tensors holding 2..8-bit values (a 4-bit range in int8 storage)."""
-    if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 8):
+    if bits is not None and not (isinstance(bits, numbers.Integral) and 2 <= bits <= 8):
         raise LoweringError(f"layer {layer}: {bits}-bit activations are not supported by the kernels; "
                             "supported: 2 to 8 bits (stored as int8)")

@@ -35,6 +35,7 @@ from tvm.tirx import PrimFunc
 
 from qcompiler.errors import LoweringError
 
+from .dot_schedule import dot_pipeline
 from .lowering import to_relax
 from .targets import get_target, tvm_target
 
@@ -109,7 +110,7 @@ def lower_main(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     with tvm.transform.PassContext(opt_level=outer.opt_level, required_pass=list(outer.required_pass),
                                    disabled_pass=list(outer.disabled_pass), config=dict(outer.config),
                                    instruments=[*outer.instruments, StopAfter()]):
-        relax.get_default_pipeline(target)(mod)
+        dot_pipeline(target)(mod)  # the default pipeline plus the dot-product schedules
     if "mod" not in seen:
         raise LoweringError(f"the default Relax pipeline of {target.kind.name} has no {LAST_PASS} pass: "
                             "this backend reads main right after it")
@@ -268,7 +269,8 @@ def extract(gm: torch.fx.GraphModule, example_inputs: tuple, target: str) -> Pro
     info = get_target(target)
     tgt = tvm.target.Target(tvm_target(info))
     try:
-        lowered = lower_main(to_relax(gm, example_inputs), tgt)
+        with tgt:  # the converters choose dot-product kernels by the target's features
+            lowered = lower_main(to_relax(gm, example_inputs), tgt)
     except LoweringError:
         raise
     except Exception as e:

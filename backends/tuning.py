@@ -1,26 +1,21 @@
 """MetaSchedule autotuning of a model's kernels, remembered in a persistent database per target.
 
-`qc.compile(model, x, tune=qc.Tune(trials=64))` runs, inside the backend build:
+`qc.compile(model, x, tune=qc.Tune(trials=64))` runs, inside the host build:
 
- 1. kernel stage: the target's Relax pipeline up to FuseTIR (library dispatch, legalize, fuse)
-    on a copy of the module; its PrimFuncs are the kernels MetaSchedule sees, and
-    `ms.relax_integration.extract_tasks` keys them by structural hash (one task per distinct
-    kernel, whatever number of calls).
- 2. selection: kernels already scheduled (`tirx.is_scheduled`, e.g. tensorized int8 kernels)
-    and kernels with symbolic shapes (dynamic_batch) keep their own schedules; kernels with
-    records in the database are done; the rest are tuned.
- 3. budget: `trials` measurements are shared by the kernels to tune in proportion to their
-    FLOPs, at least one each, lightest kernel first; what a kernel leaves unused (its search
-    space was smaller) goes to the next ones.
- 4. measurement, one kernel at a time in a temporary work folder: on this machine with
-    LocalBuilder + LocalRunner; for a device through a TVM RPC tracker (`Tune(rpc=RPC(...))`,
-    RPCRunner, one session per registered server). After each kernel its records are merged
-    into the database (`tuning_db.merge`, atomic), so an interrupt (Ctrl-C) loses only the
-    kernel in progress. Progress bars (tqdm) count kernels and trials.
- 5. build: the kernel stage, `relax.transform.MetaScheduleApplyDatabase` (a kernel with records
-    gets its best schedule), then the rest of the target's pipeline.
+ 1. kernel stage: the build pipeline up to the kernels (library dispatch, legalize, FuseOps,
+    FuseTIR, then `ScheduleDots` schedules the tensorized int8 kernels and marks them
+    `tirx.is_scheduled`) on a copy of the module; `ms.relax_integration.extract_tasks` keys
+    the PrimFuncs by structural hash (one task per distinct kernel).
+ 2. tuning (`tuning_search`): kernels that are scheduled, dynamic-shaped or already in the
+    database are left alone; `trials` measurements are shared by the others; each kernel is
+    measured on this machine (LocalBuilder + LocalRunner) or on devices through a TVM RPC
+    tracker (`Tune(rpc=RPC(...))`, RPCRunner), then merged into the database (`tuning_db`:
+    $XDG_CACHE_HOME/qcompiler/tuning/<target key>/, checked on every read, written
+    atomically under a file lock), so an interrupt loses only the kernel in progress.
+ 3. build: the kernel stage, `relax.transform.MetaScheduleApplyDatabase` (a kernel with a
+    valid record gets its best schedule), then the rest of the target's pipeline.
 
-A cross target (e.g. `arm`) has no device here: without `rpc=` a warning says that it is not
+A cross target (e.g. `arm`) has no device here: without `rpc=`, `plan` warns that it is not
 tuned and the default schedules are built.
 """
 
@@ -29,22 +24,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import platform
-import shutil
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from qcompiler.errors import TuningError
 
-from . import tuning_db
 from .targets import get_target, tvm_target
-
-log = logging.getLogger("qcompiler.tuning")
 
 
 @dataclass(frozen=True)
@@ -86,8 +75,8 @@ class Tune:
     database: the database folder (default: $XDG_CACHE_HOME/qcompiler/tuning/<target key>).
     rpc: measure on a device through a TVM RPC tracker (`RPC`); default: on this machine.
     trials_per_iter: candidates built and measured per search round.
-    num_cores: cores the schedules may use (default: this machine's physical cores; give the
-        device's when measuring through RPC).
+    num_cores: cores the schedules may use (default: $TVM_NUM_THREADS if set, else this
+        machine's physical cores; give the device's when measuring through RPC).
     timeout_sec: build and run timeout of one candidate.
     progress: show progress bars.
     seed: seed of the search (None: random).
@@ -195,7 +184,9 @@ def tuning_target(target: str, tune: Tune):
     import psutil
     import tvm
 
-    cores = tune.num_cores or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    threads = os.environ.get("TVM_NUM_THREADS", "") if tune.rpc is None else ""  # what local runs will use
+    cores = tune.num_cores or (int(threads) if threads.isdigit() and int(threads) > 0 else None) \
+        or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     return tvm.target.Target({**tvm_target(get_target(target)), "num-cores": cores})
 
 
@@ -231,197 +222,12 @@ def kernel_stage(tgt):
     return tvm.transform.Sequential(_stages(tgt)[0])
 
 
-def _is_static(func) -> bool:
-    import tvm
-
-    shapes = [getattr(p, "shape", None) for p in func.params]
-    return all(s is not None and all(isinstance(d, tvm.tirx.IntImm) for d in s) for s in shapes)
-
-
-def select(tasks, database, summary: TuneSummary) -> list:
-    """The tasks to tune; the others are sorted into `summary` by why they are left alone."""
-    todo = []
-    for task in tasks:
-        mod = task.dispatched[0]
-        func = mod["main"]
-        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
-            summary.scheduled.append(task.task_name)
-        elif not _is_static(func):
-            summary.dynamic.append(task.task_name)
-        elif database.query_tuning_record(mod, task.target, task.task_name) is not None:
-            summary.from_database.append(task.task_name)
-        else:
-            todo.append(task)
-    return todo
-
-
-def _flops(task) -> float:
-    from tvm.s_tir.analysis import estimate_tir_flops
-
-    try:
-        return max(float(estimate_tir_flops(task.dispatched[0])), 1.0)
-    except Exception:  # an op the estimator does not know: count it as light
-        return 1.0
-
-
-def share(remaining: int, flops: list[float]) -> int:
-    """Trials for the first of the kernels with `flops` (the rest follow) out of `remaining`:
-    proportional to its FLOPs, at least one, leaving one for each later kernel."""
-    later = len(flops) - 1
-    return max(1, min(remaining - later, round(remaining * flops[0] / sum(flops))))
-
-
-class _Progress:
-    """Progress bars: kernels tuned, and trials of the kernel being tuned."""
-
-    def __init__(self, kernels: int, enabled: bool):
-        from tqdm import tqdm
-
-        self._tqdm, self.enabled = tqdm, enabled
-        self.kernels = tqdm(total=kernels, desc="tuning kernels", unit="kernel", disable=not enabled)
-        self.trials = None
-        self.count = 0  # trials measured for the current kernel
-        self.finished = 0  # kernels done
-
-    def start(self, name: str, trials: int) -> None:
-        self.count = 0
-        self.trials = self._tqdm(total=trials, desc=name[:48], unit="trial", leave=False,
-                                 disable=not self.enabled)
-
-    def measured(self, n: int) -> None:
-        self.count += n
-        self.trials.update(n)
-
-    def done(self) -> None:
-        self.trials.close()
-        self.kernels.update(1)
-        self.finished += 1
-
-    def close(self) -> None:
-        if self.trials is not None:
-            self.trials.close()
-        self.kernels.close()
-
-
-def _measure_callbacks(progress: _Progress) -> list:
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-
-    @derived_object
-    class ProgressCallback(ms.measure_callback.PyMeasureCallback):
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            progress.measured(len(runner_results))
-            if not runner_results:  # the search space is exhausted: stop now, not after 5 empty rounds
-                task_scheduler.terminate_task(task_id)
-
-    return list(ms.measure_callback.MeasureCallback.create("default")) + [ProgressCallback()]
-
-
-def _build_without_intrinsics():
-    """The builder workers' build function: TVM's default one imports every tensor intrinsic
-    (the CUDA ones alone take ~30 s, minutes on a loaded machine) in each worker for each batch
-    of candidates; candidates arrive already scheduled (tensorized where at all), so the build
-    needs none. Defined in a closure so that cloudpickle sends it by value."""
-
-    def build(mod, target, _params):
-        from tvm.driver import build as tvm_build
-        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-    return build
-
-
-def _builder_runner(target: str, tune: Tune):
-    from tvm.s_tir import meta_schedule as ms
-
-    builder = ms.builder.LocalBuilder(timeout_sec=tune.timeout_sec, f_build=_build_without_intrinsics())
-    if tune.rpc is None:
-        return builder, ms.runner.LocalRunner(timeout_sec=tune.timeout_sec)
-    config = ms.runner.RPCConfig(tracker_host=tune.rpc.host, tracker_port=tune.rpc.port,
-                                 tracker_key=tune.rpc.key, session_priority=tune.rpc.priority,
-                                 session_timeout_sec=tune.rpc.session_timeout_sec)
-    return builder, ms.runner.RPCRunner(rpc_config=config, max_workers=device_count(tune.rpc))
-
-
-def _tune_task(task, trials: int, work_dir: Path, tune: Tune, builder, runner, callbacks):
-    """Tunes one kernel with at most `trials` measurements into a JSONDatabase in `work_dir`."""
-    from tvm.s_tir import meta_schedule as ms
-
-    context = ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-                             search_strategy="evolutionary", task_name=task.task_name,
-                             rand_state=-1 if tune.seed is None else tune.seed,
-                             logger=logging.getLogger(f"qcompiler.tuning.{task.task_name}"),
-                             num_threads="physical").clone()
-    work_dir.mkdir(parents=True)
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
-    ms.tune_tasks(tasks=[context], task_weights=[task.weight], work_dir=str(work_dir),
-                  max_trials_global=trials, max_trials_per_task=trials,
-                  num_trials_per_iter=min(trials, tune.trials_per_iter), builder=builder, runner=runner,
-                  database=database, measure_callbacks=callbacks, task_scheduler="round-robin")
-    return database
-
-
-def tune_kernels(mod, target: str, tune: Tune):
-    """Tunes the kernels of Relax module `mod` that the database lacks; returns the database
-    (in memory: the persistent one plus this run's records) and a TuneSummary."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    tgt = tuning_target(target, tune)
-    folder = Path(tune.database) if tune.database is not None else tuning_db.default_dir(target_key(target, tgt, tune.rpc))
-    summary = TuneSummary(str(folder))
-    with tgt:
-        kernels = kernel_stage(tgt)(tvm.IRModule(mod.functions, attrs=mod.attrs))  # a fresh module
-    tasks = ms.relax_integration.extract_tasks(kernels, tgt)
-    work = Path(tempfile.mkdtemp(prefix="qcompiler-tune-"))
-    try:
-        (work / "view").mkdir()
-        view = tuning_db.snapshot(folder, work / "view")
-        todo = sorted(select(tasks, view, summary), key=_flops)
-        if len(todo) > tune.trials:  # one trial at least per kernel: the heaviest ones get them
-            summary.no_budget = [t.task_name for t in todo[:len(todo) - tune.trials]]
-            todo = todo[len(todo) - tune.trials:]
-            warnings.warn(f"{len(summary.no_budget)} kernels get no trial (Tune(trials={tune.trials}) is less than "
-                          f"the {len(todo) + len(summary.no_budget)} kernels to tune); they keep the default "
-                          "schedules until a later compile tunes them", stacklevel=4)
-        if todo:
-            _tune_all(todo, tune, target, folder, work, view, summary)
-        memory = ms.database.MemoryDatabase()
-        tuning_db.copy_records(view, memory)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log.info("tuning %s: %d kernels tuned (%d trials), %d from the database, %d kept their schedule, "
-             "%d dynamic, %d without budget; database %s", target, len(summary.tuned), summary.trials,
-             len(summary.from_database), len(summary.scheduled), len(summary.dynamic), len(summary.no_budget), folder)
-    return memory, summary
-
-
-def _tune_all(todo, tune: Tune, target: str, folder: Path, work: Path, view, summary: TuneSummary) -> None:
-    builder, runner = _builder_runner(target, tune)
-    progress = _Progress(len(todo), tune.progress)
-    callbacks = _measure_callbacks(progress)
-    remaining = tune.trials
-    flops = [_flops(t) for t in todo]
-    try:
-        for i, task in enumerate(todo):
-            trials = share(remaining, flops[i:])
-            progress.start(task.task_name, trials)
-            database = _tune_task(task, trials, work / f"task{i}", tune, builder, runner, callbacks)
-            tuning_db.merge(folder, database)  # the kernel is done: persist before the next one
-            tuning_db.copy_records(database, view)
-            progress.done()
-            summary.tuned.append(task.task_name)
-            summary.trials += progress.count
-            remaining -= progress.count
-    finally:
-        progress.close()
-
-
 def tuned_pipeline(mod, target: str, tune: Tune):
     """Tunes the kernels of `mod` (see the module docstring); returns the Relax pipeline that
     builds it with their best schedules, and the TuneSummary (`applied` is set when the
     pipeline has run)."""
+    from .tuning_search import tune_kernels
+
     database, summary = tune_kernels(mod, target, tune)
     return apply_pipeline(target, tune, database, summary), summary
 
@@ -445,3 +251,19 @@ def apply_pipeline(target: str, tune: Tune, database, summary: TuneSummary):
             return tvm.transform.Sequential(rest)(applied)
 
     return pipeline
+
+
+def tuned_executable(gm, example_inputs: tuple, tune: Tune, target: str = "host"):
+    """(Relax VM executable, TuneSummary) of converted IR `gm`, built as `qc.compile(...,
+    tune=tune)` builds it: for benchmarks that reuse the tuned code and report what tuning did."""
+    import tvm
+
+    from .lowering import to_relax
+
+    tgt = tvm.target.Target(tvm_target(get_target(target)))
+    with tgt:  # the converters pick the target's kernels
+        mod = to_relax(gm, example_inputs)
+    if plan(target, tune) is None:
+        raise TuningError(f"target {target!r} cannot be tuned without a device: pass Tune(rpc=...)")
+    pipeline, summary = tuned_pipeline(mod, target, tune)
+    return tvm.compile(mod, target=tgt, relax_pipeline=pipeline), summary

@@ -17,6 +17,9 @@ shared, so the minimum is the figure to compare):
               saturates on full-range weights)
   torch fp32  torch.nn.functional.linear, for scale
 
+Arm table (`--arm`): executed instructions (QEMU plugin, `icount`) of the fp32 layer, the plain
+int8 kernel and the SDOT kernel, with and without an activation zero point.
+
     TVM_NUM_THREADS=1 python benchmarks/dot_kernels.py [--arm]
 """
 
@@ -132,16 +135,28 @@ def host_table() -> None:
             print(f"{f'{n} x {k}':>10} {m:>6} " + " ".join(f"{a:>8.4f} /{b:>7.4f}" for a, b in row), flush=True)
 
 
+def fp32_linear(m: int, n: int, k: int):
+    """The float layer y = x w^T as TVM builds it without a schedule (Relax's legalized matmul
+    is the same plain TE reduction)."""
+    x, w = tvm.te.placeholder((m, k), "float32", "x"), tvm.te.placeholder((n, k), "float32", "w")
+    r = tvm.te.reduce_axis((0, k), "k")
+    y = tvm.te.compute((m, n), lambda i, j: tvm.te.sum(x[i, r] * w[j, r], axis=r), name="linear_fp32")
+    return tvm.te.create_prim_func([x, w, y])
+
+
 def arm_table() -> None:
-    """Executed instructions of one int8 linear layer (bias, int32 out) on arm under qemu."""
+    """Executed instructions of one linear layer (int8: bias, int32 out) on arm under qemu."""
     rng = np.random.default_rng(2)
-    print("\narm (qemu-aarch64 -cpu cortex-a76): executed instructions of the kernel, int32 out")
-    print(f"{'N x K':>10} {'tokens':>6} {'zx':>4} {'plain':>12} {'plain sdot':>10} {'sdot kernel':>12} "
-          f"{'its sdot':>10} {'ratio':>6}")
+    print("\narm (qemu-aarch64 -cpu cortex-a76): executed instructions of the kernel")
+    print(f"{'N x K':>10} {'tokens':>6} {'zx':>4} {'fp32':>12} {'int8 plain':>12} {'its sdot':>9} "
+          f"{'sdot kernel':>12} {'its sdot':>9} {'vs plain':>9} {'vs fp32':>8}")
     n, k = 768, 768
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
     for m in TOKENS:
         x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+        xf, wf = x.astype(np.float32), w.astype(np.float32)
+        _, c = dk.arm_run(fp32_linear(m, n, k), [xf], [wf], (m, n), "float32", count=True)
+        fp32 = c.matching("qc_kernel*").insns
         for zx in (0, 5):  # the plain kernel gets LLVM's own sdot only without a zero point
             counts = []
             for kernel in (None, "sdot"):
@@ -151,7 +166,8 @@ def arm_table() -> None:
                 kern = c.matching("qc_kernel*")
                 counts.append((kern.insns, kern.classes["sdot"]))
             (p, ps), (s, ss) = counts
-            print(f"{f'{n} x {k}':>10} {m:>6} {zx:>4} {p:>12} {ps:>10} {s:>12} {ss:>10} {p / s:>5.1f}x", flush=True)
+            print(f"{f'{n} x {k}':>10} {m:>6} {zx:>4} {fp32:>12} {p:>12} {ps:>9} {s:>12} {ss:>9} "
+                  f"{p / s:>8.1f}x {fp32 / s:>7.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ decoding) at each recipe. Per recipe: the ideal weight bytes (weights x bits / 8
 aside), the bytes of the serialized executable that `export_library` embeds (VM program and
 constants), the size of the exported shared library, and the median latency of the Relax VM
 call (1 thread). "bound" is the weight bytes of the executable over this machine's measured
-copy bandwidth: the time to read the weights once. No assertions; the numbers are printed.
+copy bandwidth (a 64 MiB copy, i.e. DRAM): the time to read the weights once from memory; the
+FFN's packed weights may fit the last-level cache, where a call can beat it. On a loaded
+machine both the copy and the calls slow down. No assertions; the numbers are printed.
 
     python benchmarks/packed_weights.py
 """

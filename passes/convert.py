@@ -121,7 +121,8 @@ class Convert(Pass):
         wq_node, ws_node, group = _int_weight(gm, node)
         bias_node = node.args[2] if len(node.args) > 2 else None
         with gm.graph.inserting_before(node):
-            out = gm.graph.call_function(Q.linear_weight_only.default, (node.args[0], wq_node, ws_node, group, bias_node))
+            out = gm.graph.call_function(Q.linear_weight_only.default,
+                                         (node.args[0], wq_node, ws_node, group, bias_node))
         meta = {k: v for k, v in node.meta["qc"].items() if k != "quantized"}
         out.meta["qc"] = {**meta, "source": node.name, "compare": node.name}
         node.replace_all_uses_with(out)

@@ -263,7 +263,7 @@ class QAT(Pass):
 
             good = load_file(ckpt_path)
         qp.load(good), osc.load(good), qat_lora.load(adapters, good)
-        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
         kept = (f"the last good checkpoint is {ckpt_path}, and the IR holds its state" if ckpt_path
                 else "no checkpoint was written; the IR holds its state from before training")
         return TrainingError(f"the loss is {value} at step {step + 1} ({terms}): training stopped; {kept}. "

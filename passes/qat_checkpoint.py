@@ -23,6 +23,7 @@ import torch
 import torch.fx
 from safetensors.torch import load_file, save_file
 
+from qcompiler.artifact_io import _sha256  # the artifacts' file hash
 from qcompiler.errors import TrainingError
 from qcompiler.ir import op_name
 
@@ -41,14 +42,6 @@ def fingerprint(gm: torch.fx.GraphModule) -> str:
             if isinstance(obj, torch.Tensor):
                 h.update(f"{list(obj.shape)}|{obj.dtype}\n".encode())
     return h.hexdigest()[:20]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic(path: str, write) -> None:

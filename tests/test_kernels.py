@@ -103,7 +103,8 @@ def _grouped_cases(gb, widths=(8, 4, 2), acts=(8, 4)):
                 name = f"grouped_w{w_bits}g{group}a{a_bits}"
                 meta = {"w_bits": w_bits, "a_bits": a_bits, "source": name, "group_size": group}
                 b = gb.const(_ints(-50, 50, n, dtype=torch.float32))
-                gb.op(Q.linear_int_grouped.default, (x, zx, 0.5, w, gb.const(_pow2(n, groups)), group, b), meta, out=name)
+                args = (x, zx, 0.5, w, gb.const(_pow2(n, groups)), group, b)
+                gb.op(Q.linear_int_grouped.default, args, meta, out=name)
 
 
 def _conv_cases(gb, widths=(8, 4, 2), acts=(8, 4)):
@@ -345,5 +346,15 @@ def test_weights_outside_declared_width_are_refused():
 def test_unsupported_group_size_names_layer():
     """Group size 16 is refused at lowering with the layer and the supported sizes."""
     ir = _converted(_mlp(), torch.randn(4, 64), "fake-quant(w=4,granularity=group,group=16),calibrate,convert")
-    with pytest.raises(qc.LoweringError, match=r"layer linear: group size 16 is not supported.*32, 64, 128 or one scale per output channel"):
+    msg = r"layer linear: group size 16 is not supported.*32, 64, 128 or one scale per output channel"
+    with pytest.raises(qc.LoweringError, match=msg):
+        to_relax(ir, (torch.randn(4, 64),))
+
+
+def test_unsupported_activation_width_names_layer():
+    """Activations wider than int8 storage holds are refused, naming the layer."""
+    ir = _converted(_mlp(), torch.randn(4, 64), "fake-quant,calibrate,convert")
+    node = next(n for n in ir.graph.nodes if n.target == Q.linear_int.default)
+    node.meta["qc"]["a_bits"] = 12
+    with pytest.raises(qc.LoweringError, match=r"layer linear: 12-bit activations are not supported.*2 to 8 bits"):
         to_relax(ir, (torch.randn(4, 64),))

@@ -3,6 +3,7 @@ kernel selection and budget, applying records, the cross-target fallback, and tw
 runs (this machine with an interrupt and reuse; a TVM RPC tracker with two servers)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 import qcompiler as qc
 from qcompiler import cli
-from qcompiler.backends import tuning, tuning_db
+from qcompiler.backends import tuning, tuning_db, tuning_search
 
 
 def _mlp():
@@ -43,8 +44,9 @@ def _kernels(model, x, dynamic_batch=False):
 
 @pytest.fixture(scope="module")
 def records():
-    """A TVM MemoryDatabase with one record per kernel of `_mlp` (the identity schedule, made
-    without tuning), and the relax module."""
+    """A TVM MemoryDatabase with one record per kernel of `_mlp` (a one-instruction schedule that
+    only annotates a block, made without tuning: records need an instruction to be valid), the
+    relax module and the example input."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -52,9 +54,10 @@ def records():
     tgt, mod, _, tasks = _kernels(_mlp(), x)
     db = ms.database.MemoryDatabase()
     for t in tasks:
-        w = db.commit_workload(t.dispatched[0])
+        sch = tvm.s_tir.Schedule(t.dispatched[0])
+        sch.annotate(sch.get_child_blocks(sch.get_sblock("root"))[0], "qc.test_record", 1)
         db.commit_tuning_record(ms.database.TuningRecord(
-            tvm.s_tir.Schedule(t.dispatched[0]).trace, w, [1e-5], tgt,
+            sch.trace, db.commit_workload(t.dispatched[0]), [1e-5], tgt,
             ms.arg_info.ArgInfo.from_prim_func(t.dispatched[0]["main"])))
     return db, mod, x
 
@@ -130,10 +133,10 @@ def test_default_database_folder_is_per_target_in_user_cache(monkeypatch, tmp_pa
 
 def test_budget_share():
     """Trials are shared in proportion to FLOPs, at least one per kernel, one kept for each later kernel."""
-    assert tuning.share(64, [1.0, 3.0]) == 16
-    assert tuning.share(64, [1.0, 1e9]) == 1
-    assert tuning.share(3, [1e9, 1.0, 1.0]) == 1
-    assert tuning.share(10, [5.0]) == 10
+    assert tuning_search.share(64, [1.0, 3.0]) == 16
+    assert tuning_search.share(64, [1.0, 1e9]) == 1
+    assert tuning_search.share(3, [1e9, 1.0, 1.0]) == 1
+    assert tuning_search.share(10, [5.0]) == 10
 
 
 def test_selection_skips_scheduled_dynamic_and_stored_kernels(records):
@@ -146,18 +149,18 @@ def test_selection_skips_scheduled_dynamic_and_stored_kernels(records):
     names = sorted(t.task_name for t in tasks)
     assert len(names) == 2
     summary = tuning.TuneSummary("db")
-    assert tuning.select(tasks, db, summary) == [] and sorted(summary.from_database) == names
+    assert tuning_search.select(tasks, db, summary) == [] and sorted(summary.from_database) == names
     summary = tuning.TuneSummary("db")
-    todo = tuning.select(tasks, ms.database.MemoryDatabase(), summary)
+    todo = tuning_search.select(tasks, ms.database.MemoryDatabase(), summary)
     assert sorted(t.task_name for t in todo) == names
     gv = kernels.get_global_var(names[0])
     kernels[gv] = kernels[gv].with_attr("tirx.is_scheduled", True)
     summary = tuning.TuneSummary("db")
-    todo = tuning.select(ms.relax_integration.extract_tasks(kernels, tgt), ms.database.MemoryDatabase(), summary)
+    todo = tuning_search.select(ms.relax_integration.extract_tasks(kernels, tgt), ms.database.MemoryDatabase(), summary)
     assert summary.scheduled == [names[0]] and [t.task_name for t in todo] == [names[1]]
     _, _, _, dynamic = _kernels(_mlp(), x, dynamic_batch=True)
     summary = tuning.TuneSummary("db")
-    assert tuning.select(dynamic, ms.database.MemoryDatabase(), summary) == [] and len(summary.dynamic) == 2
+    assert tuning_search.select(dynamic, ms.database.MemoryDatabase(), summary) == [] and len(summary.dynamic) == 2
 
 
 def test_apply_pipeline_builds_the_same_code(records):
@@ -276,30 +279,30 @@ def test_tune_interrupt_resume_and_reuse(tmp_path, monkeypatch):
     both kernels from it."""
     model, x, db = _mlp(), torch.randn(4, 16), tmp_path / "db"
     tune = qc.Tune(trials=6, trials_per_iter=4, database=db, progress=False, seed=0)
-    summaries, measured, real = _summaries(monkeypatch), [], tuning._Progress.measured
+    summaries, measured, real = _summaries(monkeypatch), [], tuning_search._Progress.measured
 
     def measure(self, n, interrupt=True):
         measured.append(n)
         real(self, n)
         if interrupt and self.finished == 1:
-            raise KeyboardInterrupt  # as Ctrl-C surfaces: in Python code called by the tuner
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the second kernel is measured
 
-    monkeypatch.setattr(tuning._Progress, "measured", measure)
+    monkeypatch.setattr(tuning_search._Progress, "measured", measure)
     with pytest.raises(KeyboardInterrupt):
-        qc.compile(model, (x,), pipeline=FLOAT, tune=tune)
+        qc.compile(model, (x,), calib=[x], pipeline=FLOAT, tune=tune)
     assert len((db / tuning_db.WORKLOADS).read_text().splitlines()) == 1
     first = tuning_db.check_files(db)
     assert first >= 1
 
-    monkeypatch.setattr(tuning._Progress, "measured", lambda self, n: measure(self, n, interrupt=False))
-    art = qc.compile(model, (x,), pipeline=FLOAT, tune=tune)
+    monkeypatch.setattr(tuning_search._Progress, "measured", lambda self, n: measure(self, n, interrupt=False))
+    art = qc.compile(model, (x,), calib=[x], pipeline=FLOAT, tune=tune)
     s = summaries[-1]
     assert len(s.tuned) == 1 and len(s.from_database) == 1 and s.applied == 2 and 1 <= s.trials <= 5
     assert tuning_db.check_files(db) == first + s.trials
     assert torch.allclose(art(x), model(x), atol=1e-5)
 
     stored, n_measured = _files(db), len(measured)
-    art = qc.compile(model, (x,), pipeline=FLOAT, tune=tune)
+    art = qc.compile(model, (x,), calib=[x], pipeline=FLOAT, tune=tune)
     s = summaries[-1]
     assert s.tuned == [] and s.trials == 0 and len(s.from_database) == 2 and s.applied == 2
     assert _files(db) == stored and len(measured) == n_measured

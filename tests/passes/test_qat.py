@@ -15,14 +15,14 @@ from qcompiler.passes.qat_lora import make_adapters, merge
 from qcompiler.passes.qat_params import QuantParams, fake_quants
 
 
-def _quantized(model, example, recipe, calib):
+def _quantized(model, example, recipe, calib, verify=False):
     ir = qc.trace(model, (example,))
-    qc.PassManager.parse(f"{recipe},calibrate").run(ir, qc.PassContext(calib=calib))
+    qc.PassManager.parse(f"{recipe},calibrate").run(ir, qc.PassContext(calib=calib, verify=verify))
     return ir
 
 
-def _qat(ir, options, **ctx):
-    c = qc.PassContext(**ctx)
+def _qat(ir, options, verify=False, **ctx):
+    c = qc.PassContext(verify=verify, **ctx)
     qc.PassManager.parse(f"qat({options})").run(ir, c)
     return c.results[-1][1]
 
@@ -41,7 +41,7 @@ def test_qat_recovers_w2a4_and_the_integer_model_agrees(digits_cnn, digits):
     before = {k: v.clone() for k, v in digits_cnn.state_dict().items()}
     ir = _quantized(digits_cnn, x[:2], "fake-quant(w=2,a=4)", calib)
     ptq = zoo.accuracy(ir, xt, yt)
-    res = _qat(ir, "steps=60,lr=1e-3,loss=task", calib=calib, train=train)
+    res = _qat(ir, "steps=60,lr=1e-3,loss=task", verify=True, calib=calib, train=train)  # the IR stays well formed
     qat = zoo.accuracy(ir, xt, yt)
     assert all(torch.equal(v, before[k]) for k, v in digits_cnn.state_dict().items())  # the IR trained a copy
     assert float_acc - qat < 0.5 * (float_acc - ptq), (float_acc, ptq, qat)
