@@ -183,7 +183,8 @@ class QAT(Pass):
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4g}")
                 done = step + 1
-                if self.checkpoint_dir and (done == self.steps or (self.checkpoint_every and done % self.checkpoint_every == 0)):
+                every = self.checkpoint_every and done % self.checkpoint_every == 0
+                if self.checkpoint_dir and (done == self.steps or every):
                     ckpt_path = self._save(done, qp, osc, adapters, opt, fp, value, rank, world)
         finally:
             bar.close()

@@ -120,7 +120,8 @@ def require_nodes(by_name: dict, names, what: str = "student") -> None:
 def _lookup(by_name: dict, name: str, what: str) -> torch.fx.Node:
     if name not in by_name:
         close = [n for n in by_name if n.split("_")[0] == name.split("_")[0]][:8]
-        raise TrainingError(f"the {what} IR has no node {name!r}" + (f" (nodes like it: {', '.join(close)})" if close else "")
+        like = f" (nodes like it: {', '.join(close)})" if close else ""
+        raise TrainingError(f"the {what} IR has no node {name!r}{like}"
                             + "; name nodes as `qcompiler.print_ir` shows them (without the %)")
     return by_name[name]
 

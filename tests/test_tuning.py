@@ -342,6 +342,8 @@ def rpc_tracker(tmp_path):
                   "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1))
         deadline = time.time() + 300
         while True:
+            assert all(p.poll() is None for p in procs), "an RPC process exited: " + \
+                " | ".join(p.read_text()[-300:] for p in logs)
             try:
                 if tuning.device_count(qc.RPC(tracker, "qc-test")) == 2:
                     break

@@ -183,18 +183,19 @@ def test_resume_from_another_models_checkpoint_is_refused(mlp_setup, tmp_path):
     """A checkpoint written for one IR is refused for an IR of another shape, naming both
     fingerprints; a damaged tensors file is refused too."""
     fresh, data = mlp_setup
-    qc.PassManager.parse(f"qat(steps=2,loss=task,checkpoint_dir={tmp_path})").run(fresh(), qc.PassContext(verify=False, train=data))
+    ctx = {"verify": False, "train": data}
+    qc.PassManager.parse(f"qat(steps=2,loss=task,checkpoint_dir={tmp_path})").run(fresh(), qc.PassContext(**ctx))
     torch.manual_seed(1)
     other = qc.trace(qc.zoo.MLP(d_in=8, hidden=12, d_out=4).eval(), (torch.randn(2, 8),))
     qc.PassManager.parse("fake-quant(w=3,a=4),calibrate").run(other, qc.PassContext(calib=[torch.randn(8, 8)]))
     with pytest.raises(qc.PassError, match="was written for another model .*give a new checkpoint_dir"):
-        qc.PassManager.parse(f"qat(steps=4,loss=task,checkpoint_dir={tmp_path})").run(other, qc.PassContext(verify=False, train=data))
+        qc.PassManager.parse(f"qat(steps=4,loss=task,checkpoint_dir={tmp_path})").run(other, qc.PassContext(**ctx))
     with pytest.raises(qc.PassError, match="written with other qat options"):
         qc.PassManager.parse(f"qat(steps=4,loss=task,lora_rank=2,checkpoint_dir={tmp_path})").run(
             fresh(), qc.PassContext(verify=False, train=data))
     (tmp_path / "qat-step0000002.safetensors").write_bytes(b"truncated")
     with pytest.raises(qc.PassError, match="do not match the sha256"):
-        qc.PassManager.parse(f"qat(steps=4,loss=task,checkpoint_dir={tmp_path})").run(fresh(), qc.PassContext(verify=False, train=data))
+        qc.PassManager.parse(f"qat(steps=4,loss=task,checkpoint_dir={tmp_path})").run(fresh(), qc.PassContext(**ctx))
 
 
 @pytest.mark.parametrize("ctx,options,message", [
