@@ -1,4 +1,5 @@
-# make demo: set up .venv (torch CPU build first, then the package), run the quickstart.
+# make demo: set up .venv (torch CPU build first, then the package), run the quickstart (host,
+# arm, mali) and the Cortex-M deployment example.
 # make test: the same set-up, then the test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,12 +11,12 @@ PIP := $(VENV)/bin/pip
 # libc6-dev-arm64-cross is a recommends of the aarch64 gcc: name it, or static links fail.
 DEBS := gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user gcc-arm-none-eabi \
 	libnewlib-arm-none-eabi qemu-system-arm pocl-opencl-icd ocl-icd-libopencl1 \
-	ocl-icd-opencl-dev opencl-headers
+	ocl-icd-opencl-dev opencl-headers dataset-fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: toolchains $(VENV)/.installed plugins
 
-# The QEMU instruction-count plugin (tools/qemu_icount/icount.c), built with gcc -shared -fPIC
+# The QEMU instruction-count plugin (backends/icount_plugin.c), built with gcc -shared -fPIC
 # into the user cache folder, where backends/icount.py looks for it (named by its source hash).
 plugins: toolchains $(VENV)/.installed
 	$(PY) -m qcompiler.backends.icount
@@ -34,9 +35,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(PY) examples/quickstart.py
+	$(PY) examples/mcu_deploy.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
 
 bench: setup
 	$(PY) benchmarks/host.py

@@ -64,13 +64,16 @@ def preflight(target: str = "arm") -> None:
     require(get_target(target).cc)
 
 
-def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "arm", dynamic_batch: bool = False) -> ArmBinary:
-    """Cross-compile the IR into a static program specialized to the example shapes."""
+def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "arm", dynamic_batch: bool = False,
+          tune=None) -> ArmBinary:
+    """Cross-compile the IR into a static program specialized to the example shapes; with
+    `tune` (a `tuning.Tune` whose `rpc` reaches a device of this target) the kernels get the
+    best schedules measured on the device."""
     if dynamic_batch:
         raise LoweringError(f"the {target} target compiles for the example shapes only; compile without "
                             "dynamic_batch=True (or use target='host' for code that takes any batch size)")
     preflight(target)
-    program = extract(gm, example_inputs, target)
+    program = extract(gm, example_inputs, target, tune=tune)
     with tempfile.TemporaryDirectory(prefix="qc-arm-build-") as work:
         path = os.path.join(work, KERNELS)
         build_kernels(program, target).write_to_file(path)

@@ -45,7 +45,9 @@ DEBIAN_SOURCES = (("http://deb.debian.org/debian", "bookworm"), ("http://deb.deb
 DEBS = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "libc6", "libgcc-s1",
         "libstdc++6", "zlib1g", "libexpat1", "libssl3", "libffi8", "libbz2-1.0", "liblzma5", "libuuid1",
         "libcrypt1")
-WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy==2.4.6", "typing_extensions==4.16.0")
+# TVM's runtime, and what its RPC server needs (a board that measures kernels for tuning)
+WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy==2.4.6", "typing_extensions==4.16.0",
+          "cloudpickle==3.1.3", "psutil==7.2.2")
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux2014_aarch64")
 # a board needs TVM's runtime only: leave out the compiler library, CUDA and bundled headers
 WHEEL_SKIP = ("tvm/lib/libtvm_compiler.so", "tvm/lib/libtvm_runtime_cuda.so", "tvm/3rdparty/")

@@ -1,7 +1,7 @@
 """Executed-instruction counts under QEMU: performance figures that do not depend on how busy
 the machine is.
 
-`tools/qemu_icount/icount.c` is a QEMU TCG plugin that adds one to a counter of the current
+`icount_plugin.c` (beside this module) is a QEMU TCG plugin that adds one to a counter of the current
 ELF function symbol before every executed guest instruction, and to a counter of each chosen
 instruction class whose encoding matches (`word & mask == value`). Counts are exact and the
 same on every run and every `-cpu` model that executes the same code (single guest thread).
@@ -32,7 +32,7 @@ from qcompiler.errors import LoweringError
 from .cache import atomic_entry, user_cache_dir
 from .toolchain import require
 
-PLUGIN_SOURCE = Path(__file__).resolve().parents[1] / "tools" / "qemu_icount" / "icount.c"
+PLUGIN_SOURCE = Path(__file__).resolve().parent / "icount_plugin.c"  # shipped as package data
 CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall")
 
 

@@ -33,7 +33,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.tirx import PrimFunc
 
-from qcompiler.errors import LoweringError
+from qcompiler.errors import LoweringError, QCompilerError
 
 from .dot_schedule import dot_pipeline
 from .lowering import to_relax
@@ -92,9 +92,9 @@ class Program:
                 f"workspace {max(self.workspace.values(), default=0)} bytes")
 
 
-def lower_main(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The module as the target's default Relax pipeline leaves it after StaticPlanBlockMemory
-    (the passes after it, which prepare the VM, are skipped)."""
+def lower_main(mod: tvm.IRModule, target: tvm.target.Target, pipeline=None) -> tvm.IRModule:
+    """The module as the target's default Relax pipeline (or `pipeline`) leaves it after
+    StaticPlanBlockMemory (the passes after it, which prepare the VM, are skipped)."""
     seen = {}
 
     @tvm.instrument.pass_instrument
@@ -110,7 +110,7 @@ def lower_main(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     with tvm.transform.PassContext(opt_level=outer.opt_level, required_pass=list(outer.required_pass),
                                    disabled_pass=list(outer.disabled_pass), config=dict(outer.config),
                                    instruments=[*outer.instruments, StopAfter()]):
-        dot_pipeline(target)(mod)  # the default pipeline plus the dot-product schedules
+        (pipeline or dot_pipeline(target))(mod)  # the default pipeline plus the dot-product schedules
     if "mod" not in seen:
         raise LoweringError(f"the default Relax pipeline of {target.kind.name} has no {LAST_PASS} pass: "
                             "this backend reads main right after it")
@@ -264,14 +264,23 @@ def workspace_bytes(kernels: tvm.IRModule, target: tvm.target.Target) -> dict[st
     return out
 
 
-def extract(gm: torch.fx.GraphModule, example_inputs: tuple, target: str) -> Program:
-    """The IR as a flat Program for `target`, specialized to the example shapes."""
+def extract(gm: torch.fx.GraphModule, example_inputs: tuple, target: str, tdict: dict | None = None,
+            pipeline=None, tune=None) -> Program:
+    """The IR as a flat Program for `target` (its TVM target replaced by `tdict`, its Relax
+    pipeline by `pipeline(tvm_target)` if given, or its kernels tuned with `tune`, a
+    `tuning.Tune`, and built with their best schedules), specialized to the example shapes."""
     info = get_target(target)
-    tgt = tvm.target.Target(tvm_target(info))
+    tgt = tvm.target.Target(tdict or tvm_target(info))
     try:
         with tgt:  # the converters choose dot-product kernels by the target's features
-            lowered = lower_main(to_relax(gm, example_inputs), tgt)
-    except LoweringError:
+            mod = to_relax(gm, example_inputs)
+            if tune is not None:
+                from .tuning import tuned_pipeline
+
+                tuned, _ = tuned_pipeline(mod, target, tune)
+                pipeline = lambda _tgt: tuned  # noqa: E731
+            lowered = lower_main(mod, tgt, pipeline and pipeline(tgt))
+    except QCompilerError:
         raise
     except Exception as e:
         raise LoweringError(f"TVM could not lower the model for {target}: {type(e).__name__}: {e}") from e

@@ -24,7 +24,9 @@ import warnings
 from pathlib import Path
 
 from . import tuning_db
-from .tuning import Tune, TuneSummary, device_count, kernel_stage, target_key, tuning_target
+from .targets import get_target
+from .toolchain import require
+from .tuning import Tune, TuneSummary, device_count, is_cross, kernel_stage, target_key, tuning_target
 
 log = logging.getLogger("qcompiler.tuning")
 
@@ -130,16 +132,88 @@ def _build_without_intrinsics():
     return build
 
 
+def _export_shared_library(cc: str):
+    """The builder workers' export function for a cross target: each candidate becomes a shared
+    library linked by the target's cross compiler, which the device's RPC server loads as is
+    (TVM's default exports a tar of objects for the device to link, and a board seldom has a
+    compiler)."""
+
+    def export(mod):
+        import os
+        import tempfile
+
+        from tvm.support.cc import cross_compiler
+
+        path = os.path.join(tempfile.mkdtemp(prefix="qc-tune-"), "candidate.so")
+        mod.export_library(path, fcompile=cross_compiler(cc))
+        return path
+
+    return export
+
+
+def _alloc_arguments_from_host():
+    """The RPC runner's argument allocator: random inputs made on this machine and copied to
+    the device. TVM's default fills them on the device with `tvm.contrib.random`, which a
+    board's runtime-only TVM (the aarch64 wheel without its compiler library) lacks."""
+
+    def alloc(_session, device, args_info, alloc_repeat):
+        import numpy as np
+        from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+        rng = np.random.default_rng(0)
+
+        def fill(tensor):
+            shape, dtype = tuple(tensor.shape), str(tensor.dtype)
+            values = rng.standard_normal(shape) if dtype.startswith("float") else rng.integers(-8, 8, shape)
+            tensor.copyfrom(values.astype(dtype))
+
+        return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+    return alloc
+
+
 def _builder_runner(target: str, tune: Tune):
     from tvm.s_tir import meta_schedule as ms
 
-    builder = ms.builder.LocalBuilder(timeout_sec=tune.timeout_sec, f_build=_build_without_intrinsics())
+    export = None
+    if is_cross(target):
+        export = _export_shared_library(require(get_target(target).cc))
+    builder = ms.builder.LocalBuilder(timeout_sec=tune.timeout_sec, f_build=_build_without_intrinsics(), f_export=export)
     if tune.rpc is None:
         return builder, ms.runner.LocalRunner(timeout_sec=tune.timeout_sec)
     config = ms.runner.RPCConfig(tracker_host=tune.rpc.host, tracker_port=tune.rpc.port,
                                  tracker_key=tune.rpc.key, session_priority=tune.rpc.priority,
                                  session_timeout_sec=tune.rpc.session_timeout_sec)
-    return builder, ms.runner.RPCRunner(rpc_config=config, max_workers=device_count(tune.rpc))
+    return builder, ms.runner.RPCRunner(rpc_config=config, max_workers=device_count(tune.rpc),
+                                        f_alloc_argument=_alloc_arguments_from_host())
+
+
+def _without_gpu_intrinsics() -> None:
+    """TuneContext imports `tvm.s_tir.tensor_intrin`, which parses every TVMScript intrinsic
+    (CUDA's by the hundred); in a process that has imported torch each parse walks
+    sys.modules, and the import took 64 s here (minutes under load). Kernels arrive scheduled
+    (tensorized by `dot_schedule` with the project's own intrinsics) and MetaSchedule's CPU
+    rules use none, so register only the x86 and Arm intrinsics and mark the package imported;
+    an explicit import of another submodule still works."""
+    import importlib
+    import importlib.util
+    import sys
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        sys.modules[name] = importlib.util.module_from_spec(importlib.util.find_spec(name))
+        for sub in ("x86", "arm_cpu"):
+            importlib.import_module(f"{name}.{sub}")
+
+
+def _search_strategy(trials: int):
+    """TVM's evolutionary search with its population scaled to the budget: the default 512
+    candidates evolved for 4 generations per batch cost far more than a budget of a few dozen
+    measurements needs (minutes per kernel on a loaded 2-core machine)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    population = min(512, max(64, 8 * trials))
+    return ms.search_strategy.EvolutionarySearch(population_size=population, init_min_unmeasured=min(50, population // 4))
 
 
 def _tune_task(task, trials: int, work_dir: Path, tune: Tune, builder, runner, callbacks):
@@ -147,7 +221,7 @@ def _tune_task(task, trials: int, work_dir: Path, tune: Tune, builder, runner, c
     from tvm.s_tir import meta_schedule as ms
 
     context = ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-                             search_strategy="evolutionary", task_name=task.task_name,
+                             search_strategy=_search_strategy(trials), task_name=task.task_name,
                              rand_state=-1 if tune.seed is None else tune.seed,
                              logger=logging.getLogger(f"qcompiler.tuning.{task.task_name}"),
                              num_threads="physical").clone()
@@ -222,6 +296,7 @@ def _interrupts_stay_interrupts():
 
 
 def _tune_all(todo, tune: Tune, target: str, folder: Path, work: Path, view, summary: TuneSummary) -> None:
+    _without_gpu_intrinsics()
     builder, runner = _builder_runner(target, tune)
     progress = _Progress(len(todo), tune.progress)
     callbacks = _measure_callbacks(progress)

@@ -18,7 +18,7 @@ import torch.fx
 
 from qcompiler.ir import op_name
 
-from .host import HostRunner, build
+from .targets import get_backend
 
 
 @dataclass
@@ -83,7 +83,9 @@ def verify_nodes(ir: torch.fx.GraphModule, inputs: tuple, target: str = "host", 
         rec.run(*inputs)
     gm, feeds, checked = isolated_graph(ir, rec.values)
     feed_values = tuple(rec.values[f] for f in feeds)
-    got = HostRunner(build(gm, feed_values, target))(*feed_values)
+    backend = get_backend(target)
+    backend.preflight()
+    got = backend.runner(backend.build(gm, feed_values, target))(*feed_values)
     results = []
     for n, out in zip(checked, got):
         ref = rec.values[n]

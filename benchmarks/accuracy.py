@@ -15,8 +15,12 @@ column per bit setting, float on top and peers at the same bits below:
   sentences, and the Spearman correlation with WordSim-353's human scores.
 - EfficientNet-Lite0: top-1 agreement with float and KL(float || quantized) on augmented
   crops of the scikit-image / scikit-learn sample photos (per-tensor static activations).
+GPTQ rows use act_order, damping 0.01 and the diag(H)-weighted clip search, with Hessians from
+calibration data disjoint from what is scored (SmolLM2: windows 200.. of the text; MiniLM:
+running text packed into 128-token rows after the scored sentences, no padding).
 Results are cached in the user cache dir (`--fresh` recomputes); `--quick` uses fewer windows,
-sentences and crops.
+sentences and crops. `benchmarks/accuracy_probe.py` shows, per layer, why the residual rotation
+alone raises SmolLM2's 4-bit round-to-nearest error.
 """
 
 from __future__ import annotations
@@ -42,21 +46,22 @@ from benchmarks import accuracy_peers as peers  # noqa: E402
 
 BITS = {"W8A8": (8, 8, 0), "W4A8": (4, 8, 0), "W4A4": (4, 4, 0), "W4A4KV4": (4, 4, 4)}
 LLM_ROT = "heads=true,keys=true,online=*.down_proj"
+GPTQ = "gptq(act_order=true,damp=0.01,clip=true)"  # group: the fake-quant's (128, ragged last)
 LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
     "rtn": ([], []),
     "smooth": (["smooth(alpha=0.5)"], []),
     "rotate-hadamard": ([f"rotate(kind=hadamard,{LLM_ROT})"], []),
     "rotate-klt": ([f"rotate(kind=klt-hadamard,{LLM_ROT})"], []),
-    "gptq": ([], ["gptq"]),
-    "rotate+gptq": ([f"rotate(kind=hadamard,{LLM_ROT})"], ["gptq"]),
+    "gptq": ([], [GPTQ]),
+    "rotate+gptq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [GPTQ]),
 }
 BERT_RECIPES = {
     "rtn": ([], []),
     "smooth": (["smooth(alpha=0.5)"], []),
     "rotate-hadamard": (["rotate(residual=false,online=*)"], []),
     "rotate-hadamard-va": (["rotate(residual=false,online=*,variance_aligned=true)"], []),
-    "gptq": ([], ["gptq"]),
-    "rotate+gptq": (["rotate(residual=false,online=*)"], ["gptq"]),
+    "gptq": ([], [GPTQ]),
+    "rotate+gptq": (["rotate(residual=false,online=*)"], [GPTQ]),
 }
 
 
@@ -146,6 +151,19 @@ def smollm2(args, cache: Cache) -> dict:
 # ---------------------------------------------------------------- MiniLM
 
 
+def packed_calibration(tok, sentences, count: int, length: int, batch: int = 16) -> list:
+    """`count` sequences of `length` tokens of running text ([CLS] sentences... [SEP], mask all
+    ones), not padded sentences: padding tokens would fill most rows of the statistics
+    (GPTQ's Hessians, smoothing scales) with positions the embedding never reads."""
+    ids = [t for s in sentences for t in tok(s, add_special_tokens=False)["input_ids"]]
+    body = length - 2
+    if len(ids) < count * body:
+        raise ValueError(f"{len(ids)} tokens of calibration text, need {count * body}")
+    rows = [[tok.cls_token_id] + ids[i * body: (i + 1) * body] + [tok.sep_token_id] for i in range(count)]
+    x = torch.tensor(rows, dtype=torch.long)
+    return [(x[i: i + batch], torch.ones_like(x[i: i + batch])) for i in range(0, count, batch)]
+
+
 def minilm(args, cache: Cache) -> dict:
     from scipy.stats import spearmanr
 
@@ -157,9 +175,7 @@ def minilm(args, cache: Cache) -> dict:
     words = rd.wordsim353()
     vocab = sorted({w for a, c, _ in words for w in (a, c)})
     wb = tok(vocab, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    calib_s = rd.wiki_sentences(n + 64)[n:]
-    cb = tok(calib_s, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    calib = [(cb.input_ids[i: i + 16], cb.attention_mask[i: i + 16]) for i in range(0, 64, 16)]
+    calib = packed_calibration(tok, rd.wiki_sentences(n + 600)[n:], 64, 128)
 
     def embed(fn, ids, mask):
         with torch.no_grad():

@@ -4,7 +4,8 @@ compile it for this machine with TVM, and compare accuracy on the held-out split
 Columns: the float model; the converted IR run in torch (`art.ir`, the bit-exact reference
 of the generated code); the generated code itself (`art`). The last two should agree.
 Then the W8A8 model is cross-compiled for 64-bit ARM (`target="arm"`: a static aarch64
-program) and run under qemu-aarch64, and its outputs are compared with the IR's.
+program) and run under qemu-aarch64, and compiled for Mali GPUs (`target="mali"`: OpenCL
+kernels, run here on PoCL); their outputs are compared with the IR's.
 
     python examples/quickstart.py        (what `make demo` runs)
 """
@@ -52,6 +53,7 @@ def main() -> None:
         print(f"\n{recipe} compile report")
         print(art.report())
     run_on_arm(model, x_train[:BATCH], calib, x_test[:n_eval], y_test[:n_eval])
+    run_on_mali(model, x_train[:BATCH], calib, x_test[:n_eval], y_test[:n_eval])
 
 
 def run_on_arm(model, example, calib, x_test, y_test) -> None:
@@ -69,6 +71,26 @@ def run_on_arm(model, example, calib, x_test, y_test) -> None:
         correct += int((y.argmax(-1) == yb).sum())
     print(f"  DigitsCNN w8a8: accuracy {correct / len(x_test):.2%} on {len(x_test)} images; "
           f"largest difference to the IR {worst:.1e} (relative); {len(art.library.binary) // 1024} KiB static binary")
+
+
+def run_on_mali(model, example, calib, x_test, y_test) -> None:
+    """Compile for the `mali` target (OpenCL) and run every test batch on PoCL, the CPU OpenCL
+    implementation standing in for a Mali GPU here."""
+    print("\nmali target (OpenCL kernels for Mali GPUs, run on PoCL through pyopencl)")
+    try:
+        art = qc.compile(model, example, target="mali", quant="w8a8", calib=calib)
+        correct, same = 0, True
+        for xb, yb in zip(x_test.split(BATCH), y_test.split(BATCH)):
+            y = art(xb)
+            same &= bool(torch.equal(y, art.ir(xb)))
+            correct += int((y.argmax(-1) == yb).sum())
+    except qc.LoweringError as e:  # no OpenCL platform or no pyopencl: say how to get them
+        print(f"  skipped: {e}")
+        return
+    launches = art.library.launch_table()
+    print(f"  DigitsCNN w8a8: accuracy {correct / len(x_test):.2%} on {len(x_test)} images; outputs "
+          f"{'equal' if same else 'DIFFER from'} the IR's; {len(launches)} kernel launches per batch, "
+          f"work-groups up to {max(g[0] * g[1] * g[2] for *_, g in launches)} work-items")
 
 
 if __name__ == "__main__":

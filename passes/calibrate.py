@@ -10,7 +10,10 @@ observer watches what enters each one:
 - `kl`: entropy calibration (TensorRT's, Migacz 2017): a 2048-bin histogram of |x|; for each
   candidate threshold t, the clipped histogram P (outliers added to its last bin) and its
   quantization Q onto the grid's levels (each level spreading its mass over its non-empty
-  bins); t minimizes KL(P || Q), and the range is [max(lo, -t), min(hi, t)].
+  bins); t minimizes KL(P || Q), and the range is [max(lo, -t), min(hi, t)]. Exact zeros
+  are left out of the histogram: 0.0 is on every grid, so they cost nothing, while a spike
+  of them in the first bin (ReLU/ReLU6 outputs) would make every merge of that bin look
+  expensive and pull t down to `levels` bins.
 
 Percentile, mse and kl read a uniform sample of at most `sample` values per quantizer.
 Asymmetric: s = (hi - lo) / (qmax - qmin), z = qmin - round(lo / s), with lo <= 0 <= hi so
@@ -28,6 +31,8 @@ from tqdm.auto import tqdm
 from qcompiler.errors import CalibrationError
 from qcompiler.ir import as_tuple, example_inputs, get_attr_tensor, op_name
 from qcompiler.pass_manager import Pass, PassResult, register
+
+from .convert import fit_bias_scales
 
 
 class Observer:
@@ -106,7 +111,9 @@ class Calibrate(Pass):
             raise CalibrationError("the calibration data is empty: give at least one batch")
         for n, obs in observers.items():
             self._set(gm, n, obs)
-        return PassResult(True, f"calibrated {len(fqs)} quantizers on {count} batches ({self.observer})")
+        fitted = fit_bias_scales(gm)  # input scales known: make every int32 bias fit (see convert)
+        return PassResult(True, f"calibrated {len(fqs)} quantizers on {count} batches ({self.observer})",
+                          {"bias_fit": fitted} if fitted else {})
 
     def _set(self, gm, node, obs: Observer) -> None:
         _, s_node, z_node, qmin, qmax, _ = node.args
@@ -135,6 +142,7 @@ class Calibrate(Pass):
 def kl_threshold(v: torch.Tensor, levels: int, bins: int = 2048) -> float:
     """The clipping threshold t of |v| that minimizes KL(P || Q) (see the module docstring)."""
     a = v.abs().double()
+    a = a[a > 0]  # exact zeros are quantized exactly (see the module docstring)
     amax = float(a.max()) if a.numel() else 0.0
     if amax == 0.0:
         return 0.0

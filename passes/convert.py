@@ -19,9 +19,21 @@
    since quantization is monotonic)
    where M * 2^-sh ~= sa / so per channel (`qcompiler.ops.dyadic`).
 Ops that were not quantized stay float.
+
+Bias fit (`fit_bias_scales`, run by `calibrate` once the input scales sx are known, and again
+here): a near-dead output channel (say a folded BatchNorm with gamma ~ 0) has a tiny max-abs
+weight scale sw, and bq = b / (sx*sw) can exceed int32. Such a channel's weight scale is
+raised to sw' = |b| / (sx * 2^30), so |bq| <= 2^30 (up to float32 rounding of sx*sw') and
+the dot products keep the other 2^30 of int32 (int8 x int8 sums of up to ~33k terms). Its
+weights are re-rounded on the coarser grid, mostly to 0: they were tiny next to the bias.
+The raised scale is the weight fake-quant's own constant, so the fake-quant graph and the
+integer graph compute the same thing; the layers and channels are warned about and reported
+in the pass details (`bias_fit`).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.fx
@@ -58,13 +70,15 @@ class Convert(Pass):
         for n in gm.graph.nodes:
             if _is_act_fq(n) and not n.meta["qc"].get("observed"):
                 raise _err(n, "activation quantizer has no range yet: run calibrate before convert")
+        fitted = fit_bias_scales(gm)  # normally done by calibrate already; weights may have moved since
         converted = [n.name for n in list(gm.graph.nodes) if n.meta.get("qc", {}).get("quantized") and self._compute(gm, n)]
         for n in list(gm.graph.nodes):
             if _is_act_fq(n):
                 self._split_fq(gm, n)
         rewrites = _apply_rules(gm)
         cleanup(gm)
-        return PassResult(bool(converted), f"{len(converted)} integer ops, {rewrites} rewrites", {"nodes": converted})
+        details = {"nodes": converted, **({"bias_fit": fitted} if fitted else {})}
+        return PassResult(bool(converted), f"{len(converted)} integer ops, {rewrites} rewrites", details)
 
     # -- step 1
     def _compute(self, gm, node) -> bool:
@@ -148,6 +162,44 @@ class Convert(Pass):
         q.meta["qc"] = dict(fq.meta["qc"])
         fq.replace_all_uses_with(dq)
         gm.graph.erase_node(fq)
+
+
+BIAS_LIMIT = 2**30  # |bq| bound: half of int32, the other half is for the dot products
+
+
+def fit_bias_scales(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
+    """Raise the weight scale of every output channel whose int32 bias b / (sx*sw) would
+    exceed BIAS_LIMIT to |b| / (sx * BIAS_LIMIT), in place on the weight fake-quant's scale
+    constant. Per-channel layers with a calibrated per-tensor input quantizer and a constant
+    bias only. Returns {layer: [channels raised]} and warns naming them."""
+    fitted = {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get("qc", {})
+        if not meta.get("quantized") or meta.get("weight_only") or meta.get("kind") not in ("linear", "conv2d"):
+            continue
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else None
+        if not (_is_act_fq(x) and x.meta["qc"].get("observed") and op_name(w) == "qc.fake_quant"
+                and isinstance(b, torch.fx.Node) and b.op == "get_attr" and not w.args[5]):
+            continue
+        s_x = get_attr_tensor(gm, x.args[1])
+        if s_x.numel() != 1:
+            continue
+        s_w = get_attr_tensor(gm, w.args[1])
+        need = (get_attr_tensor(gm, b).detach().double().abs() / (float(s_x) * BIAS_LIMIT)).reshape(s_w.shape)
+        low = need > s_w.double()
+        if bool(low.any()):
+            up = need.float()  # float32 may round below `need`: one ulp up keeps |bq| <= ~BIAS_LIMIT
+            up = torch.where(up.double() < need, torch.nextafter(up, torch.tensor(float("inf"))), up)
+            with torch.no_grad():  # the scale may be a trained (QAT) parameter
+                s_w.copy_(torch.where(low, up, s_w))
+            fitted[node.name] = low.flatten().nonzero().flatten().tolist()
+    if fitted:
+        total = sum(map(len, fitted.values()))
+        layers = ", ".join(f"{k} ({len(v)})" for k, v in fitted.items())
+        warnings.warn(f"bias fit: raised the weight scale of {total} near-dead output channels so their "
+                      f"int32 bias fits (|b/(sx*sw)| <= 2^30): {layers}", stacklevel=2)
+    return fitted
 
 
 def _int_weight(gm, node):

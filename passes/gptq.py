@@ -19,8 +19,11 @@ and calibration statistics of float inputs gathered once (not layer-sequentially
 all Hessians come from one float pass over the calibration data).
 
 `group=-1` keeps the quantizers' grouping; `group=0` (per channel) or `group=g` sets it
-(scales recomputed). Each layer's proxy error tr((W-Q) H (W-Q)^T) is reported next to
-round-to-nearest's.
+(scales recomputed). With `clip`, each row's (or group's) scale is shrunk from max-abs to
+r * max-abs, r searched on a grid down to `clip_min`, minimizing the rounding error weighted
+by diag(H) (the diagonal of the proxy error: how much each input matters), before GPTQ
+rounds (the weight-clipping search GPTQ/QuaRot use at 4 bits). Each layer's proxy error
+tr((W-Q) H (W-Q)^T) is reported next to round-to-nearest's (on the original scales).
 """
 
 from __future__ import annotations
@@ -54,6 +57,27 @@ def _scales_for_columns(scale: torch.Tensor, k: int, group: int) -> torch.Tensor
     if group:
         return scale.repeat_interleave(group, dim=1)[:, :k]
     return scale.reshape(-1, 1).expand(-1, k)
+
+
+def clipped_scale(w, h_diag, scale, group: int, qmin: int, qmax: int, lowest: float = 0.5, steps: int = 20):
+    """Per row or group, the scale r * scale (r in [lowest, 1]) with the least rounding error
+    sum_k h_k (w_k - q_k)^2; `scale` is the max-abs scale ([N, 1] or [N, G])."""
+    w, hd, scale = w.double(), h_diag.double().reshape(1, -1), scale.double()
+    n, k = w.shape
+    g = group or k
+    pad = -(-k // g) * g - k
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(n, -1, g)
+    hp = torch.nn.functional.pad(hd, (0, pad)).reshape(1, -1, g)
+    base = scale.reshape(n, -1, 1)
+    best_err = torch.full(base.shape[:2], float("inf"), dtype=torch.float64)
+    best = base.clone()
+    for r in torch.linspace(1.0, lowest, steps, dtype=torch.float64):
+        s = base * r
+        err = (hp * (wp - torch.clamp(torch.round(wp / s), qmin, qmax) * s) ** 2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better.unsqueeze(-1), s, best)
+    return best.reshape(scale.shape).float()
 
 
 def gptq_quantize(w, h, scale, qmin, qmax, damp=0.01, act_order=True, block=128):
@@ -98,10 +122,14 @@ class GPTQ(Pass):
     damp: float = 0.01
     block: int = 128
     batches: int = 0
+    clip: bool = False
+    clip_min: float = 0.5
 
     def __post_init__(self):
         if self.damp < 0 or self.block <= 0 or self.group < -1:
             raise QuantSpecError(f"{self}: damp must be >= 0, block > 0, group -1 (as quantized), 0 or a size")
+        if not 0 < self.clip_min <= 1:
+            raise QuantSpecError(f"{self}: clip_min must be in (0, 1] (the smallest fraction of max-abs tried)")
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
         layers = [n for n in gm.graph.nodes if op_name(n) == "aten.linear" and n.meta.get("qc", {}).get("quantized")
@@ -130,8 +158,12 @@ class GPTQ(Pass):
                 lin.meta["qc"].update(group_size=group, granularity="group" if group else "channel")
             h = hess[lin.args[0]].value()
             full = _scales_for_columns(scale, w.shape[1], group)
-            q = gptq_quantize(w, h, full, qmin, qmax, self.damp, self.act_order, self.block)
             rtn = torch.clamp(torch.round(w.double() / full.double()), qmin, qmax) * full.double()
+            if self.clip:
+                scale = clipped_scale(w, torch.diagonal(h), scale, group, qmin, qmax, self.clip_min)
+                fq.update_arg(1, add_constant(gm, f"{lin.name}_clip_scale", scale, fq))
+                full = _scales_for_columns(scale, w.shape[1], group)
+            q = gptq_quantize(w, h, full, qmin, qmax, self.damp, self.act_order, self.block)
             errors[lin.name] = (proxy_error(w, q, h), proxy_error(w, rtn, h))
             fq.update_arg(0, add_constant(gm, f"{lin.name}_gptq_weight", q.float(), fq))
         cleanup(gm)

@@ -9,7 +9,7 @@ from .api import Artifact, compile, load
 from .context import PassContext
 from .errors import (
     ArtifactError, CalibrationError, LoweringError, OnnxImportError, PassError, PipelineError, QCompilerError,
-    QuantSpecError, TraceError, TrainingError, TuningError, VerificationError,
+    MemoryLimitError, QuantSpecError, TraceError, TrainingError, TuningError, VerificationError,
 )
 from .frontends.pytorch import trace
 from .ir import print_ir
@@ -42,7 +42,7 @@ def export_onnx(ir, path, opset: int = 21):
 
 __all__ = [
     "Artifact", "compile", "load",
-    "ArtifactError", "CalibrationError", "LoweringError", "OnnxImportError", "Pass", "PassContext", "PassError",
+    "ArtifactError", "CalibrationError", "LoweringError", "MemoryLimitError", "OnnxImportError", "Pass", "PassContext", "PassError",
     "PassManager", "PassResult", "PipelineError", "QCompilerError", "QuantSpec", "QuantSpecError",
     "TraceError", "TrainingError", "TuningError", "VerificationError", "RPC", "Tune", "SUPPORTED_ONNX_OPS", "export_onnx", "load_onnx", "print_ir", "register", "trace",
 ]

@@ -22,6 +22,9 @@ from .pass_manager import PassManager
 from .report import Report, build_report
 from .spec import QuantSpec
 
+# passes whose result depends on calibration data (the others read only weights)
+_PASSES_READING_DATA = ("calibrate", "smooth", "rotate", "gptq", "tanq", "mosf", "qat")
+
 
 class Artifact:
     """A compiled model: generated code for one target plus its reference IR."""
@@ -63,9 +66,19 @@ class Artifact:
     def report(self) -> Report:
         return self._report
 
+    def export(self, folder: str) -> list[str]:
+        """Write a project that builds the model on its own (cortex-m*: a C project with a Makefile)."""
+        from .backends.targets import get_backend
+
+        backend = get_backend(self.target)
+        if backend.export is None:
+            raise QCompilerError(f"target {self.target!r} has no project export; use save() (the cortex-m* targets export C)")
+        return backend.export(self.library, folder)
+
     def save(self, path: str) -> None:
         """Save to a folder, or to a single `.qca` file when the path ends in .qca."""
         artifact_io.save(self, path)
+
 
 
 def load(path: str) -> Artifact:
@@ -142,8 +155,10 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
     if ctx.calib is None:
         ctx.calib = calib
     if ctx.calib is None:
-        warnings.warn("no calibration data given: activation ranges come from the example inputs alone; "
-                      "pass calib=[batch, ...] with representative data", stacklevel=2)
+        readers = [p.name for p in pm.passes if p.name in _PASSES_READING_DATA]
+        if readers:
+            warnings.warn(f"no calibration data given: {', '.join(readers)} will see the example inputs "
+                          "alone; pass calib=[batch, ...] with representative data", stacklevel=2)
         ctx.calib = [example_inputs]
     ctx.calib = list(ctx.calib)
     pm.run(ir, ctx)
@@ -153,7 +168,8 @@ def compile(model, example_inputs=None, *, target: str = "host", quant="w8a8", c
     library = backend.build(ir, example_inputs, target, dynamic_batch, **({"tune": tune} if tune else {}))
     with torch.no_grad():
         ref_out = ir(*example_inputs)
-    report = build_report(float_ir, ir, as_tuple(ctx.calib[0]), target, str(pm), ctx.timings)
+    report = build_report(float_ir, ir, as_tuple(ctx.calib[0]), target, str(pm), ctx.timings,
+                          getattr(library, "memory", None))
     inputs = [{"shape": ([None] + list(x.shape[1:])) if dynamic_batch else list(x.shape),
                "dtype": str(x.dtype).removeprefix("torch.")} for x in example_inputs]
     return Artifact(ir, library, target, inputs, isinstance(ref_out, torch.Tensor), report)

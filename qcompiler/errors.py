@@ -68,3 +68,8 @@ class ArtifactError(QCompilerError):
 class TuningError(QCompilerError):
     """Tuning options that are out of range, or a device (RPC tracker and key) that cannot be
     reached for measurements."""
+
+
+class MemoryLimitError(LoweringError):
+    """A model whose flash or SRAM exceeds the target's limits (the board's, or given as target
+    options): says what it needs vs what is available, the largest layers, and what would help."""

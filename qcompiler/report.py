@@ -41,6 +41,17 @@ class Report:
     float_ops: dict[str, int] = field(default_factory=dict)
     output_sqnr_db: list[float] = field(default_factory=list)
     timings: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # microcontroller targets: flash / SRAM measured at build
+
+    @property
+    def flash_bytes(self) -> int | None:
+        """Flash (text + rodata + data) of the linked firmware, for targets that measure it."""
+        return self.memory.get("flash_bytes")
+
+    @property
+    def peak_sram_bytes(self) -> int | None:
+        """Peak SRAM (static data, arena, stack) of the firmware, for targets that measure it."""
+        return self.memory.get("peak_sram_bytes")
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -62,6 +73,14 @@ class Report:
         lines.append(f"model output SQNR vs float: {outs} dB")
         floats = ", ".join(f"{k} x{v}" for k, v in sorted(self.float_ops.items())) or "none"
         lines.append(f"not quantized (float) ops: {floats}")
+        if self.memory:
+            m = self.memory
+            lines.append(f"flash {m['flash_bytes']} B of {m['flash_limit']}; peak SRAM {m['peak_sram_bytes']} B of "
+                         f"{m['sram_limit']} (arena {m['arena_bytes']} B, unplanned {m['unplanned_bytes']} B, "
+                         f"stack {m['stack_bytes']} B)")
+            if "patches" in m:
+                p = m["patches"]
+                lines.append(f"patch-based: {p['split']}; arena {p['arena_bytes_unsplit']} B unsplit -> {p['arena_bytes']} B")
         return "\n".join(lines)
 
 
@@ -98,7 +117,7 @@ def _is_float_compute(n: torch.fx.Node) -> bool:
     return not isinstance(val, torch.Tensor) or val.dtype.is_floating_point
 
 
-def build_report(float_ir, ir, batch: tuple, target: str, pipeline: str, timings=()) -> Report:
+def build_report(float_ir, ir, batch: tuple, target: str, pipeline: str, timings=(), memory=None) -> Report:
     """Measure per-layer and output SQNR of `ir` against `float_ir` on one batch."""
     compared = [n for n in ir.graph.nodes if n.meta.get("qc", {}).get("compare")]
     want = {n.meta["qc"]["compare"] for n in compared}
@@ -123,4 +142,4 @@ def build_report(float_ir, ir, batch: tuple, target: str, pipeline: str, timings
     flat = lambda o: [o] if isinstance(o, torch.Tensor) else [t for x in o for t in flat(x)]  # noqa: E731
     outs = [sqnr_db(a, b) for a, b in zip(flat(f_out), flat(q_out))]
     float_ops = Counter(op_name(n) for n in ir.graph.nodes if _is_float_compute(n))
-    return Report(target, pipeline, layers, dict(float_ops), outs, [list(t) for t in timings])
+    return Report(target, pipeline, layers, dict(float_ops), outs, [list(t) for t in timings], dict(memory or {}))

@@ -36,3 +36,18 @@ def tiny_mlp():
 def calib_batches(shape, n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def assert_matches_ir(art, x, got=None):
+    """The artifact's outputs (or `got`) against its IR: integers exactly; floats within 1e-5 of
+    the largest magnitude (FMA contraction on aarch64, another summation order on a GPU)."""
+    from qcompiler.ir import as_tuple
+
+    got, ref = as_tuple(art(x) if got is None else got), as_tuple(art.ir(x))
+    assert len(got) == len(ref)
+    for y, r in zip(got, ref):
+        assert y.dtype == r.dtype and y.shape == r.shape
+        if r.dtype.is_floating_point:
+            assert float((y - r).abs().max()) <= 1e-5 * float(r.abs().max())
+        else:
+            assert torch.equal(y, r)

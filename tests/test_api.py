@@ -1,6 +1,7 @@
 """The public API end to end: compile, run, report, save/load, recipes, and bad input."""
 
 import os
+import warnings
 import zipfile
 
 import pytest
@@ -125,9 +126,13 @@ def test_recipe_parsing():
 
 
 def test_compile_without_calibration_warns(tiny_mlp):
-    """Without calib, compile warns that ranges come from the example inputs alone."""
-    with pytest.warns(UserWarning, match="no calibration data given"):
+    """Without calib, compile warns that calibrate sees the example inputs alone; a weight-only
+    recipe, which reads no activations, compiles without the warning."""
+    with pytest.warns(UserWarning, match="no calibration data given: calibrate will see"):
         qc.compile(tiny_mlp, (torch.randn(4, 8),))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="no calibration data")
+        qc.compile(tiny_mlp, (torch.randn(4, 8),), quant="w4g32")
 
 
 def test_cli_compile_opt_run(tmp_path, capsys):

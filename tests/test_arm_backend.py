@@ -13,8 +13,7 @@ import qcompiler as qc
 from qcompiler import zoo
 from qcompiler.backends import arm, toolchain
 from qcompiler.backends.program import BUFFER
-from qcompiler.ir import as_tuple
-from tests.conftest import calib_batches
+from tests.conftest import assert_matches_ir, calib_batches
 
 MISSING = arm.toolchain_available()
 needs_toolchain = pytest.mark.skipif(MISSING is not None, reason=f"arm toolchain missing: {MISSING}")
@@ -38,16 +37,6 @@ def compiled(model: str, quant: str = "w8a8"):
     return _compiled[model, quant]
 
 
-def assert_matches_ir(art, x):
-    """Integers exactly; floats within 1e-5 of the largest magnitude (FMA contraction on aarch64)."""
-    got, ref = as_tuple(art(x)), as_tuple(art.ir(x))
-    assert len(got) == len(ref)
-    for y, r in zip(got, ref):
-        assert y.dtype == r.dtype and y.shape == r.shape
-        if r.dtype.is_floating_point:
-            assert float((y - r).abs().max()) <= 1e-5 * float(r.abs().max())
-        else:
-            assert torch.equal(y, r)
 
 
 @needs_toolchain
@@ -158,3 +147,17 @@ def test_dynamic_batch_is_host_only(monkeypatch):
     with pytest.raises(qc.LoweringError, match="compiles for the example shapes only"):
         qc.compile(zoo.MLP(8, 8, 4), (torch.randn(2, 8),), target="arm", calib=[torch.randn(2, 8)],
                    dynamic_batch=True)
+
+
+@needs_toolchain
+def test_verify_nodes_on_arm():
+    """verify_nodes builds the isolated-op graph for arm and runs it under QEMU: every integer op
+    of the transformer block equals the reference, float ops agree within rtol."""
+    from qcompiler.backends.verify import verify_nodes
+
+    art = compiled("transformer")
+    x = torch.randn(MODELS["transformer"][1])
+    checks = verify_nodes(art.ir, (x,), target="arm")
+    assert len(checks) > 10
+    assert [c for c in checks if not c.ok] == []
+    assert any(c.dtype == "int8" for c in checks)

@@ -1,4 +1,4 @@
-"""Instruction counts under QEMU (backends/icount.py and the plugin in tools/qemu_icount):
+"""Instruction counts under QEMU (backends/icount.py and the plugin in backends/icount_plugin.c):
 deterministic, attributed to the right function, SDOT and the other classes counted exactly."""
 
 import subprocess

@@ -283,7 +283,6 @@ def test_depthwise_net_w4a4_end_to_end():
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6 * float(ref.detach().abs().max()))
 
 
-@pytest.mark.filterwarnings("ignore:no calibration data")  # weight-only: nothing to calibrate
 def test_weight_only_recipe_end_to_end(tmp_path):
     """quant="w4g32": linear layers become qc.linear_weight_only (float activations, packed
     4-bit weights), every node matches the reference within float tolerance, and the

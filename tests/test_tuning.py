@@ -2,6 +2,7 @@
 kernel selection and budget, applying records, the cross-target fallback, and two real tuning
 runs (this machine with an interrupt and reuse; a TVM RPC tracker with two servers)."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -315,6 +316,15 @@ def test_tune_interrupt_resume_and_reuse(tmp_path, monkeypatch):
     assert summaries[-1].trials == 0 and summaries[-1].applied == 2 and _files(db) == stored
 
 
+def _stop(procs) -> None:
+    """Ends each process with the workers it started (each runs in a session of its own)."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=30)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -332,7 +342,8 @@ def rpc_tracker(tmp_path):
     def start(name, *args):
         logs.append(tmp_path / f"{name}.log")
         procs.append(subprocess.Popen([sys.executable, "-m", *args], stdout=open(logs[-1], "w"),
-                                      stderr=subprocess.STDOUT, env={**os.environ, "TVM_NUM_THREADS": "1"}))
+                                      stderr=subprocess.STDOUT, env={**os.environ, "TVM_NUM_THREADS": "1"},
+                                      start_new_session=True))
 
     try:
         start("tracker", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1))
@@ -354,10 +365,7 @@ def rpc_tracker(tmp_path):
             time.sleep(1)
         yield tracker, logs[1:]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        _stop(procs)
 
 
 def test_tune_through_rpc_tracker(rpc_tracker, tmp_path, monkeypatch):
@@ -378,3 +386,66 @@ def test_tune_through_rpc_tracker(rpc_tracker, tmp_path, monkeypatch):
     assert len(times) == s.trials and all(0 < t[0] < 1 for t in times)
     assert any("load_module" in log.read_text() for log in server_logs)
     assert torch.equal(art(x), art.ir(x))
+
+
+@pytest.fixture
+def emulated_arm_board(tmp_path):
+    """A TVM RPC tracker on loopback and one emulated aarch64 board: the board's Python (the
+    sysroot of backends/arm_deploy) running TVM's RPC server under qemu-aarch64, registered as
+    "qc-arm". The server starts its worker with sys.executable, so that points at a script that
+    runs the aarch64 Python under QEMU again (no binfmt_misc here)."""
+    from qcompiler.backends import arm, arm_deploy
+
+    if arm.toolchain_available() is not None:
+        pytest.skip(f"arm toolchain missing: {arm.toolchain_available()}")
+    python, env = arm_deploy.emulated_python()
+    wrapper = tmp_path / "python-aarch64"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(python) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    port = _free_port()
+    tracker = f"127.0.0.1:{port}"
+    server = ("import runpy, sys; sys.executable = %r; sys.argv[0] = 'rpc_server'; "
+              "runpy.run_module('tvm.exec.rpc_server', run_name='__main__')") % str(wrapper)
+    board_port = _free_port()
+    logs = [tmp_path / "tracker.log", tmp_path / "board.log"]
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                               str(port), "--port-end", str(port + 1)], stdout=open(logs[0], "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True),
+             subprocess.Popen([*python, "-c", server, "--tracker", tracker, "--key", "qc-arm", "--host", "127.0.0.1",
+                               "--port", str(board_port), "--port-end", str(board_port + 1)], env=env,
+                              stdout=open(logs[1], "w"), stderr=subprocess.STDOUT, start_new_session=True)]
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert all(p.poll() is None for p in procs), "an RPC process exited: " + \
+                " | ".join(p.read_text()[-500:] for p in logs)
+            try:
+                if tuning.device_count(qc.RPC(tracker, "qc-arm")) == 1:
+                    break
+            except qc.TuningError:
+                pass
+            assert time.time() < deadline, "the emulated board did not register: " + logs[1].read_text()[-500:]
+            time.sleep(1)
+        yield tracker
+    finally:
+        _stop(procs)
+
+
+def test_tune_arm_kernels_on_a_board_through_rpc(emulated_arm_board, tmp_path, monkeypatch):
+    """The arm target tunes on a device through the tracker: candidates are cross-linked into
+    shared libraries, measured on the (emulated) board, stored under a database folder of their
+    own, and the program built from the records equals the float model; a second compile
+    measures nothing. (The emulator's timings say nothing about a real core: this checks the
+    path, not the speed.)"""
+    model, x, db = _mlp(), torch.randn(4, 16), tmp_path / "db"
+    tune = qc.Tune(trials=2, trials_per_iter=2, rpc=qc.RPC(emulated_arm_board, "qc-arm"), database=db,
+                   progress=False, seed=0)
+    summaries = _summaries(monkeypatch)
+    art = qc.compile(model, (x,), calib=[x], pipeline=FLOAT, target="arm", tune=tune)
+    s = summaries[-1]
+    assert s.trials >= 1 and len(s.tuned) == 2 and s.applied >= 1
+    assert tuning_db.check_files(db) == s.trials
+    assert torch.allclose(art(x), model(x), atol=1e-5)
+    stored = _files(db)
+    qc.compile(model, (x,), calib=[x], pipeline=FLOAT, target="arm", tune=tune)
+    assert summaries[-1].trials == 0 and _files(db) == stored

@@ -69,3 +69,16 @@ def test_other_batch_sizes_are_fine(tiny_mlp):
     """Calibration batches may have any batch size (the IR's batch dim is dynamic)."""
     batches = [torch.randn(1, 8), torch.randn(33, 8)]
     _calibrated(tiny_mlp, batches, "minmax", torch.randn(2, 8))
+
+
+def test_kl_threshold_ignores_the_zeros_of_relu6():
+    """KL on ReLU6-like values (mostly exact zeros) keeps most of the range instead of
+    collapsing to 256 bins of 2048 (the zero spike is exact on every grid)."""
+    from qcompiler.passes.calibrate import kl_threshold
+
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(65536, generator=g) - 1.5).clamp(0, 6)  # ~93% zeros, max ~3
+    t = kl_threshold(v, 256)
+    assert 0.5 * float(v.max()) < t <= float(v.max())
+    dense = torch.randn(65536, generator=g).clamp(0, 6)  # unchanged where zeros are few
+    assert kl_threshold(dense, 256) > 0.5 * float(dense.max())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import qcompiler as qc
-from qcompiler.ir import op_name
+from qcompiler.ir import copy_ir, get_attr_tensor, op_name
+from qcompiler.passes.convert import Convert
 from qcompiler.report import sqnr_db
 from qcompiler import zoo
 from tests.conftest import calib_batches
@@ -54,3 +55,41 @@ def test_convert_before_calibrate_is_refused(tiny_mlp):
     with pytest.raises(qc.PassError, match="run calibrate before convert") as e:
         _run(tiny_mlp, torch.randn(2, 8), "fake-quant,convert", None)
     assert e.value.pass_name == "convert"
+
+
+def _near_dead_conv():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+    with torch.no_grad():  # channel 2: weights ~1e-9 (a BatchNorm with gamma ~0, folded), bias 2.0
+        model.weight[2] *= 1e-9
+        model.bias[2] = 2.0
+    return model
+
+
+def test_near_dead_channel_bias_fits_int32():
+    """A channel with ~0 weights and a large bias gets a raised weight scale (named in a warning),
+    its int32 bias fits, and the integer graph matches the fake-quant graph."""
+    model, x = _near_dead_conv(), torch.rand(2, 3, 8, 8) * 2 - 1
+    batches = [torch.rand(8, 3, 8, 8) * 2 - 1]
+    with pytest.warns(UserWarning, match=r"raised the weight scale of 1 near-dead output channels .*conv2d \(1\)"):
+        fq = _run(model, x, "fake-quant,calibrate", batches)
+    conv = qc.PassManager.parse("convert").run(copy_ir(fq), qc.PassContext())
+    bq = next(n for n in conv.graph.nodes if op_name(n) == "qc.conv2d_int").args[3]
+    assert get_attr_tensor(conv, bq).abs().max() <= 2**30 * 1.001  # 2^30, up to float32 rounding of sx*sw
+    y_fq, y = fq(x), conv(x)
+    assert torch.allclose(y[:, 2], torch.full_like(y[:, 2], 2.0), rtol=1e-6)
+    assert torch.equal(y[:, 2], y_fq[:, 2])
+    assert torch.allclose(y, y_fq, atol=1e-4)  # other channels: bias rounded to the grid sx*sw (~1e-5)
+    assert sqnr_db(model(x), y) > 35
+
+
+def test_bias_fit_reports_channels_in_convert():
+    """convert raises scales itself when they no longer fit (weights changed after calibrate), reporting them."""
+    model, x = _near_dead_conv(), torch.rand(2, 3, 8, 8) * 2 - 1
+    with pytest.warns(UserWarning, match="near-dead"):  # calibrate's own fit
+        ir = _run(model, x, "fake-quant,calibrate", [torch.rand(8, 3, 8, 8) * 2 - 1])
+    w_fq = next(n for n in ir.graph.nodes if n.meta.get("qc", {}).get("role") == "weight")
+    get_attr_tensor(ir, w_fq.args[1])[2] = 1e-12  # as if a later pass had shrunk channel 2
+    with pytest.warns(UserWarning, match="near-dead"):
+        result = Convert().run(ir, qc.PassContext())
+    assert result.details["bias_fit"] == {"conv2d": [2]}

@@ -49,3 +49,23 @@ def test_bad_options_are_refused():
     """Negative damping is refused when the pipeline is parsed."""
     with pytest.raises(qc.QuantSpecError, match="damp must be >= 0"):
         qc.PassManager.parse("gptq(damp=-1)")
+
+
+def test_clip_search_lowers_the_error_on_heavy_tailed_weights():
+    """clip=true shrinks max-abs scales where that lowers the rounding error (heavy-tailed
+    weights at 4 bits): on the IR, GPTQ's output error ratio to RTN drops further."""
+    from qcompiler.passes.gptq import clipped_scale
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(2.0).sample((32, 96)) * 0.1
+    s = w.abs().reshape(32, 3, 32).amax(-1) / 7
+    c = clipped_scale(w, torch.ones(96), s, 32, -7, 7)
+    assert (c <= s + 1e-9).all() and (c >= 0.5 * s - 1e-9).all() and (c < s).any()
+    err = lambda sc: float((w - torch.clamp(torch.round(w / sc.repeat_interleave(32, 1)), -7, 7) * sc.repeat_interleave(32, 1)).pow(2).sum())
+    assert err(c) < 0.97 * err(s)
+    ratios = {}
+    for clip in ("false", "true"):
+        ir, ctx = copy_ir(traced("rms")[1]), qc.PassContext(calib=calib_ids(8))
+        qc.PassManager.parse(f"fake-quant(w=4,a=8,ops=linear,granularity=group,group=16),gptq(clip={clip})").run(ir, ctx)
+        ratios[clip] = ctx.results[-1][1].details["ratio"]
+    assert ratios["true"] < ratios["false"] < 1.0

@@ -1,0 +1,126 @@
+"""Cortex-M deployment figures per model and bit recipe: flash, peak SRAM, executed instructions
+(SMLAD kernels vs the plain C build of the same program), accuracy.
+
+    python benchmarks/mcu.py                       digits CNN + Fashion-MNIST CNN on cortex-m4
+    python benchmarks/mcu.py --target cortex-m7    the same on mps2-an500
+    python benchmarks/mcu.py --effnet              adds EfficientNet-Lite0 (slow: minutes)
+
+Flash and peak SRAM come from the linked bare firmware (arm-none-eabi-size, -fstack-usage) and
+the arena plan; "arena unplanned" is every buffer and the largest workspace side by side.
+Instructions are the kernels' (`__tvm_ffi_*` symbols) for one inference, counted by the QEMU
+plugin; "plain" is the same scheduled program with `dsp=0` (no SMLAD micro-kernel). Accuracy
+is measured with `art.ir` (the bit-exact reference) over the test set, and the device's outputs
+are compared with it on `--check` samples ("exact" counts those equal bit for bit).
+Datasets: scikit-learn digits; Fashion-MNIST from the Debian package dataset-fashion-mnist;
+EfficientNet-Lite0 (pip extra `models`) is scored as top-1 agreement with the float model on
+the photos of `benchmarks/realdata.sample_images`, at --effnet-size pixels (default 224).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import qcompiler as qc  # noqa: E402
+from qcompiler import zoo  # noqa: E402
+from qcompiler.backends import cortex_m  # noqa: E402
+
+
+def digits():
+    x, y, xt, yt = zoo.digits()
+    torch.manual_seed(0)
+    return zoo.train_classifier(zoo.DigitsCNN(), x, y), x, xt, yt, "top-1"
+
+
+def fashion():
+    from benchmarks.qat import fashion_mnist, float_model
+
+    x, y, xt, yt = fashion_mnist()
+    model, _ = float_model(x, y)
+    return model, x, xt, yt, "top-1"
+
+
+def effnet(size: int):
+    from benchmarks import realdata
+
+    model = realdata.load_efficientnet_lite0()
+    imgs = realdata.sample_images(crops=4, size=size)
+    calib = realdata.sample_images(crops=2, size=size, seed=1)  # other crops, as benchmarks/accuracy.py
+    with torch.no_grad():
+        labels = torch.cat([model(b) for b in imgs.split(8)]).argmax(-1)
+    return model, calib, imgs, labels, "agreement"
+
+
+def accuracy(fn, x, y) -> float:
+    with torch.no_grad():
+        return sum(int((fn(x[i:i + 1]).argmax(-1) == y[i]).sum()) for i in range(len(x))) / len(x)
+
+
+def row(name, model, x_calib, x_test, y_test, metric, recipe, target, check) -> list[str]:
+    """One table row; a recipe "w8a8:patches=2" adds target options."""
+    recipe, _, options = recipe.partition(":")
+    target = f"{target}:{options}" if options else target
+    calib = [x_calib[i:i + 8] for i in range(0, min(len(x_calib), 64), 8)]
+    t0 = time.time()
+    try:
+        art = qc.compile(model, x_calib[:1], target=target, quant=recipe, calib=calib)
+    except qc.MemoryLimitError as e:
+        need = str(e).split("needs ")[1].split(" bytes")[0] if "needs " in str(e) else "?"
+        return [name, recipe, target, f"does not fit ({need} B)", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
+    seconds = time.time() - t0
+    m = art.report().memory
+    exact = sum(torch.equal(art(x_test[i:i + 1]), art.ir(x_test[i:i + 1])) for i in range(check))
+    dsp = cortex_m.instruction_counts(art.library, (x_test[:1],)).matching("__tvm_ffi_*")
+    plain = cortex_m.build_program(art.library.extracted, f"{target.split(':')[0]}:dsp=0")
+    base = cortex_m.instruction_counts(plain, (x_test[:1],)).matching("__tvm_ffi_*")
+    acc = accuracy(art.ir, x_test, y_test)
+    return [name, recipe, target, f"{m['flash_bytes'] / 1024:.1f}", f"{m['peak_sram_bytes'] / 1024:.1f}",
+            f"{m['arena_bytes'] / 1024:.1f}", f"{m['unplanned_bytes'] / 1024:.1f}", f"{dsp.insns / 1e6:.3f}",
+            f"{base.insns / 1e6:.3f}", f"{base.insns / max(dsp.insns, 1):.2f}x", str(dsp.classes["smlad"]),
+            f"{metric} {acc:.4f}, exact {exact}/{check}", f"{seconds:.0f}",
+            f"{m['patches']['arena_bytes_unsplit'] / 1024:.1f} -> {m['arena_bytes'] / 1024:.1f}" if "patches" in m else "-"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="cortex-m4", choices=["cortex-m4", "cortex-m7"])
+    p.add_argument("--recipes", default="w8a8,w4a8,w8a8:patches=2")
+    p.add_argument("--check", type=int, default=4, help="test samples run on the emulated board")
+    p.add_argument("--effnet", action="store_true", help="add EfficientNet-Lite0")
+    p.add_argument("--effnet-size", type=int, default=224)
+    p.add_argument("--skip-fashion", action="store_true")
+    p.add_argument("--only-effnet", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    models = [("digits CNN", digits)]
+    if not args.skip_fashion:
+        models.append(("Fashion-MNIST CNN", fashion))
+    if args.effnet:
+        models.append((f"EfficientNet-Lite0 {args.effnet_size}px", lambda: effnet(args.effnet_size)))
+    if args.only_effnet:
+        models = models[-1:]
+    head = ["model", "recipe", "target", "flash KiB", "peak SRAM KiB", "arena KiB", "arena unplanned KiB",
+            "kernel M insns (SMLAD)", "plain M insns", "ratio", "SMLAD", "accuracy (IR; device exact)", "compile s",
+            "patches: arena KiB unsplit -> split"]
+    rows = [head]
+    for name, load in models:
+        model, x_calib, x_test, y_test, metric = load()
+        for recipe in args.recipes.split(","):
+            rows.append(row(name, model.eval(), x_calib, x_test, y_test, metric, recipe, args.target, args.check))
+            print("  ".join(rows[-1]), flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    print()
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    main()
