@@ -272,13 +272,15 @@ def tune_kernels(mod, target: str, tune: Tune):
 @contextlib.contextmanager
 def _interrupts_stay_interrupts():
     """TVM's FFI turns a KeyboardInterrupt raised in Python code that C++ calls (Ctrl-C lands in
-    the builder, the runner or a measure callback) into a bare RuntimeError: note SIGINT while
-    tuning and raise KeyboardInterrupt again."""
+    the builder, the runner or a measure callback) into a bare RuntimeError, or the task
+    scheduler logs it as a failed trial and goes on: note SIGINT while tuning (yields the list
+    of signals seen, for the caller to check before it keeps a kernel's results) and raise
+    KeyboardInterrupt again."""
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield  # signals go to the main thread only; SIGINT ignored or default: nothing to catch
-        return
     seen = []
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield seen  # signals go to the main thread only; SIGINT ignored or default: nothing to catch
+        return
 
     def note(signum, frame):
         seen.append(signum)
@@ -286,7 +288,7 @@ def _interrupts_stay_interrupts():
 
     signal.signal(signal.SIGINT, note)
     try:
-        yield
+        yield seen
     except Exception as e:
         if seen:
             raise KeyboardInterrupt from e
@@ -301,12 +303,14 @@ def _tune_all(todo, tune: Tune, target: str, folder: Path, work: Path, view, sum
     progress = _Progress(len(todo), tune.progress)
     callbacks = _measure_callbacks(progress)
     remaining, flops = tune.trials, [_flops(t) for t in todo]
-    with _interrupts_stay_interrupts():
+    with _interrupts_stay_interrupts() as interrupted:
         try:
             for i, task in enumerate(todo):
                 trials = share(remaining, flops[i:])
                 progress.start(task.task_name, trials)
                 database = _tune_task(task, trials, work / f"task{i}", tune, builder, runner, callbacks)
+                if interrupted:  # Ctrl-C that TVM swallowed: this kernel's results are not kept
+                    raise KeyboardInterrupt
                 tuning_db.merge(folder, database)  # the kernel is done: persist before the next one
                 tuning_db.copy_records(database, view)
                 progress.done()

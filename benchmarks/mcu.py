@@ -4,13 +4,16 @@
     python benchmarks/mcu.py                       digits CNN + Fashion-MNIST CNN on cortex-m4
     python benchmarks/mcu.py --target cortex-m7    the same on mps2-an500
     python benchmarks/mcu.py --effnet              adds EfficientNet-Lite0 (slow: minutes)
+    python benchmarks/mcu.py --only-effnet --check 1 --no-plain --limits flash=16M --recipes w8a8,w4a8,w8a8:patches=2
 
 Flash and peak SRAM come from the linked bare firmware (arm-none-eabi-size, -fstack-usage) and
 the arena plan; "arena unplanned" is every buffer and the largest workspace side by side.
 Instructions are the kernels' (`__tvm_ffi_*` symbols) for one inference, counted by the QEMU
 plugin; "plain" is the same scheduled program with `dsp=0` (no SMLAD micro-kernel). Accuracy
 is measured with `art.ir` (the bit-exact reference) over the test set, and the device's outputs
-are compared with it on `--check` samples ("exact" counts those equal bit for bit).
+are compared with it on `--check` samples ("exact" counts those equal bit for bit; the first
+sample's check is the counted run). `--limits flash=..,sram=..` adds part limits to every
+recipe's target; `--no-plain` skips the dsp=0 build (EfficientNet-Lite0: it doubles the time).
 Datasets: scikit-learn digits; Fashion-MNIST from the Debian package dataset-fashion-mnist;
 EfficientNet-Lite0 (pip extra `models`) is scored as top-1 agreement with the float model on
 the photos of `benchmarks/realdata.sample_images`, at --effnet-size pixels (default 224).
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qcompiler as qc  # noqa: E402
 from qcompiler import zoo  # noqa: E402
 from qcompiler.backends import cortex_m  # noqa: E402
+from qcompiler.ir import as_tuple  # noqa: E402
 
 
 def digits():
@@ -62,29 +66,57 @@ def accuracy(fn, x, y) -> float:
         return sum(int((fn(x[i:i + 1]).argmax(-1) == y[i]).sum()) for i in range(len(x))) / len(x)
 
 
-def row(name, model, x_calib, x_test, y_test, metric, recipe, target, check) -> list[str]:
+def row(name, model, x_calib, x_test, y_test, metric, recipe, target, check, plain=True, timeout=3600.0) -> list[str]:
     """One table row; a recipe "w8a8:patches=2" adds target options."""
     recipe, _, options = recipe.partition(":")
-    target = f"{target}:{options}" if options else target
+    target = f"{target},{options}" if options and ":" in target else f"{target}:{options}" if options else target
     calib = [x_calib[i:i + 8] for i in range(0, min(len(x_calib), 64), 8)]
     t0 = time.time()
     try:
         art = qc.compile(model, x_calib[:1], target=target, quant=recipe, calib=calib)
     except qc.MemoryLimitError as e:
         need = str(e).split("needs ")[1].split(" bytes")[0] if "needs " in str(e) else "?"
-        return [name, recipe, target, f"does not fit ({need} B)", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
+        print(f"{name} {recipe} {target}: {e}", flush=True)
+        return [name, recipe, target, f"does not fit ({need} B)", *["-"] * 11]
+    except qc.QCompilerError as e:
+        print(f"{name} {recipe} {target}: {type(e).__name__}: {e}", flush=True)
+        return [name, recipe, target, f"failed: {type(e).__name__}", *["-"] * 11]
     seconds = time.time() - t0
     m = art.report().memory
-    exact = sum(torch.equal(art(x_test[i:i + 1]), art.ir(x_test[i:i + 1])) for i in range(check))
-    dsp = cortex_m.instruction_counts(art.library, (x_test[:1],)).matching("__tvm_ffi_*")
-    plain = cortex_m.build_program(art.library.extracted, f"{target.split(':')[0]}:dsp=0")
-    base = cortex_m.instruction_counts(plain, (x_test[:1],)).matching("__tvm_ffi_*")
+    print(f"{name} {recipe} {target}: built in {seconds:.0f} s, flash {m['flash_bytes']} B, "
+          f"peak SRAM {m['peak_sram_bytes']} B, arena {m['arena_bytes']} B", flush=True)
+    t1 = time.time()
+    counts, first = counted_run(art.library, x_test[:1], timeout)
+    board_s = time.time() - t1
+    ref = as_tuple(art.ir(x_test[:1]))
+    exact = int(all(torch.equal(a, b) for a, b in zip(first, ref)))
+    if not exact:
+        print(f"  board vs IR: largest difference {max(float((a - b).abs().max()) for a, b in zip(first, ref)):.3g}")
+    exact += sum(torch.equal(art(x_test[i:i + 1]), art.ir(x_test[i:i + 1])) for i in range(1, check))
+    dsp = counts.matching("__tvm_ffi_*")
+    print(f"{name} {recipe} {target}: board run {board_s:.0f} s, {counts.total} instructions "
+          f"({dsp.insns} in kernels), exact vs art.ir: {exact}/{check}", flush=True)
+    if plain:
+        p = cortex_m.build_program(art.library.extracted, f"{target.split(':')[0]}:dsp=0")
+        base = counted_run(p, x_test[:1], timeout)[0].matching("__tvm_ffi_*")
     acc = accuracy(art.ir, x_test, y_test)
     return [name, recipe, target, f"{m['flash_bytes'] / 1024:.1f}", f"{m['peak_sram_bytes'] / 1024:.1f}",
             f"{m['arena_bytes'] / 1024:.1f}", f"{m['unplanned_bytes'] / 1024:.1f}", f"{dsp.insns / 1e6:.3f}",
-            f"{base.insns / 1e6:.3f}", f"{base.insns / max(dsp.insns, 1):.2f}x", str(dsp.classes["smlad"]),
-            f"{metric} {acc:.4f}, exact {exact}/{check}", f"{seconds:.0f}",
-            f"{m['patches']['arena_bytes_unsplit'] / 1024:.1f} -> {m['arena_bytes'] / 1024:.1f}" if "patches" in m else "-"]
+            f"{base.insns / 1e6:.3f}" if plain else "-", f"{base.insns / max(dsp.insns, 1):.2f}x" if plain else "-",
+            str(dsp.classes["smlad"]), f"{metric} {acc:.4f}, exact {exact}/{check}", f"{seconds:.0f}",
+            f"{m['patches']['arena_bytes_unsplit'] / 1024:.1f} -> {m['arena_bytes'] / 1024:.1f}" if "patches" in m else "-",
+            f"{board_s:.0f}"]
+
+
+def counted_run(binary, x, timeout: float):
+    """One run on the emulated board under the counting plugin: (instruction counts, outputs);
+    `cortex_m.instruction_counts` with a timeout that fits a large model."""
+    from qcompiler.backends.arm import decode_outputs
+    from qcompiler.backends.icount import Counter
+
+    with Counter(qemu="qemu-system-arm") as counter:
+        data = cortex_m.execute(binary, (x,), counter.qemu_args, timeout=timeout)[1]
+        return counter.read(), decode_outputs(binary.signature, data)
 
 
 def main(argv=None) -> None:
@@ -96,6 +128,9 @@ def main(argv=None) -> None:
     p.add_argument("--effnet-size", type=int, default=224)
     p.add_argument("--skip-fashion", action="store_true")
     p.add_argument("--only-effnet", action="store_true")
+    p.add_argument("--limits", default="", help="part limits added to every target, e.g. flash=16M,sram=8M")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain C (dsp=0) build and its count")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds one board run may take")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     models = [("digits CNN", digits)]
@@ -107,12 +142,14 @@ def main(argv=None) -> None:
         models = models[-1:]
     head = ["model", "recipe", "target", "flash KiB", "peak SRAM KiB", "arena KiB", "arena unplanned KiB",
             "kernel M insns (SMLAD)", "plain M insns", "ratio", "SMLAD", "accuracy (IR; device exact)", "compile s",
-            "patches: arena KiB unsplit -> split"]
+            "patches: arena KiB unsplit -> split", "board run s"]
     rows = [head]
     for name, load in models:
         model, x_calib, x_test, y_test, metric = load()
         for recipe in args.recipes.split(","):
-            rows.append(row(name, model.eval(), x_calib, x_test, y_test, metric, recipe, args.target, args.check))
+            target = f"{args.target}:{args.limits}" if args.limits else args.target
+            rows.append(row(name, model.eval(), x_calib, x_test, y_test, metric, recipe, target, args.check,
+                            not args.no_plain, args.timeout))
             print("  ".join(rows[-1]), flush=True)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     print()

@@ -170,8 +170,8 @@ BIAS_LIMIT = 2**30  # |bq| bound: half of int32, the other half is for the dot p
 def fit_bias_scales(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
     """Raise the weight scale of every output channel whose int32 bias b / (sx*sw) would
     exceed BIAS_LIMIT to |b| / (sx * BIAS_LIMIT), in place on the weight fake-quant's scale
-    constant. Per-channel layers with a calibrated per-tensor input quantizer and a constant
-    bias only. Returns {layer: [channels raised]} and warns naming them."""
+    constant (a per-tensor weight scale is raised as far as its neediest channel asks).
+    Layers with a calibrated per-tensor input quantizer and a constant bias, not per-group. Returns {layer: [channels raised]} and warns naming them."""
     fitted = {}
     for node in gm.graph.nodes:
         meta = node.meta.get("qc", {})
@@ -186,14 +186,17 @@ def fit_bias_scales(gm: torch.fx.GraphModule) -> dict[str, list[int]]:
         if s_x.numel() != 1:
             continue
         s_w = get_attr_tensor(gm, w.args[1])
-        need = (get_attr_tensor(gm, b).detach().double().abs() / (float(s_x) * BIAS_LIMIT)).reshape(s_w.shape)
+        per_channel = get_attr_tensor(gm, b).detach().double().abs().flatten() / (float(s_x) * BIAS_LIMIT)
+        channels = (per_channel > s_w.double().flatten()).nonzero().flatten().tolist()
+        # a per-tensor weight scale is raised for the channel that needs the most
+        need = per_channel.reshape(s_w.shape) if s_w.numel() == per_channel.numel() else per_channel.max().reshape(s_w.shape)
         low = need > s_w.double()
         if bool(low.any()):
             up = need.float()  # float32 may round below `need`: one ulp up keeps |bq| <= ~BIAS_LIMIT
             up = torch.where(up.double() < need, torch.nextafter(up, torch.tensor(float("inf"))), up)
             with torch.no_grad():  # the scale may be a trained (QAT) parameter
                 s_w.copy_(torch.where(low, up, s_w))
-            fitted[node.name] = low.flatten().nonzero().flatten().tolist()
+            fitted[node.name] = channels
     if fitted:
         total = sum(map(len, fitted.values()))
         layers = ", ".join(f"{k} ({len(v)})" for k, v in fitted.items())

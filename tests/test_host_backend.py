@@ -70,7 +70,7 @@ def test_unlowerable_op_names_op_and_node():
 
 def test_unknown_target():
     """An unknown target lists the available ones."""
-    with pytest.raises(qc.LoweringError, match="unknown target 'tpu'; available targets: arm, host"):
+    with pytest.raises(qc.LoweringError, match="unknown target 'tpu'; available targets: arm, cortex-m4, cortex-m55, cortex-m7, host, mali"):
         qc.compile(zoo.MLP(), (torch.randn(2, 64),), target="tpu", calib=[torch.randn(2, 64)])
 
 

@@ -93,3 +93,4 @@ def test_bias_fit_reports_channels_in_convert():
     with pytest.warns(UserWarning, match="near-dead"):
         result = Convert().run(ir, qc.PassContext())
     assert result.details["bias_fit"] == {"conv2d": [2]}
+
