@@ -273,7 +273,7 @@ def _summaries(monkeypatch) -> list:
     return got
 
 
-def test_tune_interrupt_resume_and_reuse(tmp_path, monkeypatch):
+def test_tune_interrupt_resume_and_reuse(tmp_path, monkeypatch, request):
     """Real tuning of a two-kernel model on this machine: an interrupt during the second kernel
     leaves only the first kernel's records; the next compile tunes only the second kernel; a
     third compile (and the CLI) run zero trials, leave the database byte-identical and build
@@ -289,6 +289,10 @@ def test_tune_interrupt_resume_and_reuse(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the second kernel is measured
 
     monkeypatch.setattr(tuning_search._Progress, "measured", measure)
+    # Ctrl-C as an interactive process handles it (a library loaded by an earlier test may have
+    # replaced the handler at the OS level without Python knowing)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler))
     with pytest.raises(KeyboardInterrupt):
         qc.compile(model, (x,), calib=[x], pipeline=FLOAT, tune=tune)
     assert len((db / tuning_db.WORKLOADS).read_text().splitlines()) == 1
