@@ -28,6 +28,8 @@ from qcompiler.errors import TuningError
 
 from . import tuning_db
 
+CROSS_CC = "aarch64-linux-gnu-gcc"  # links the board's host code of each candidate
+
 
 def require_device(tune_opts) -> None:
     """Tuning measures on a board: `rpc=` is required."""
@@ -84,7 +86,9 @@ def tune(mod, tdict: dict, tune_opts):
     from tvm.s_tir import meta_schedule as ms
 
     from .tuning import TuneSummary, device_count, target_key
-    from .tuning_search import _flops, _measure_callbacks, _Progress, _tune_task, select, share
+    from .toolchain import require
+    from .tuning_search import (_export_shared_library, _flops, _measure_callbacks, _Progress, _tune_task,
+                                select, share)
 
     require_device(tune_opts)
     board = board_target(tdict)
@@ -100,7 +104,7 @@ def tune(mod, tdict: dict, tune_opts):
         view = tuning_db.snapshot(folder, work / "view")
         todo = sorted(select(tasks, view, summary), key=_flops)
         if todo:
-            builder = ms.builder.LocalBuilder(timeout_sec=tune_opts.timeout_sec, f_export=_cross_export())
+            builder = ms.builder.LocalBuilder(timeout_sec=tune_opts.timeout_sec, f_export=_export_shared_library(require(CROSS_CC)))
             rpc = tune_opts.rpc
             config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
                                          session_priority=rpc.priority, session_timeout_sec=rpc.session_timeout_sec)
@@ -125,23 +129,6 @@ def tune(mod, tdict: dict, tune_opts):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return memory, summary
-
-
-def _cross_export():
-    """The builder's export: the candidate's host code linked for aarch64 (a closure, so that
-    cloudpickle sends it to the builder workers by value)."""
-
-    def export(mod):
-        import os
-        import tempfile as tf
-
-        from tvm.support.cc import cross_compiler
-
-        path = os.path.join(tf.mkdtemp(prefix="qc-ms-mali-"), "candidate.so")
-        mod.export_library(path, fcompile=cross_compiler("aarch64-linux-gnu-gcc"))
-        return path
-
-    return export
 
 
 def sampled_database(gm, example_inputs: tuple, tdict: dict, seed: int = 0):
