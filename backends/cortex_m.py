@@ -2,8 +2,9 @@
 arm-none-eabi-gcc and run on QEMU's MPS2 boards (mps2-an386, mps2-an500) with semihosting.
 
 build:  IR -> flat Program (`program.extract`, Relax pipeline of the llvm thumbv7em target)
-        -> kernels.c with TVM's `c` target and `tirx.disable_assert` (int8 and packed-int4
-        dot loops on SMLAD micro-kernels, `mcu_dsp`) -> static arena plan (`mcu_plan`) ->
+        -> kernels.c with TVM's `c` target and `tirx.disable_assert`, float constants as exact
+        hexadecimal literals (`exact_floats`), int8 and packed-int4 dot loops on SMLAD
+        micro-kernels (`mcu_dsp`) -> static arena plan (`mcu_plan`) ->
         project files (`mcu_project`) -> `make` (its own Makefile) -> model.elf (QEMU
         harness) and bare.elf (the model alone, measured with arm-none-eabi-size and the
         compiler's -fstack-usage files) -> flash / SRAM report checked against the limits.
@@ -11,7 +12,10 @@ run:    `qemu-system-arm -M <board> -semihosting ... -kernel model.elf` in a fol
         input.bin; the harness writes output.bin; the exit status says whether it ran.
 
 Target options follow the name: `cortex-m4:flash=1M,sram=256K` checks against a part's
-limits (default: the QEMU board's 4 MiB each); `dsp=0` builds the plain C kernels;
+limits (default: the QEMU board's: 4 MiB of SRAM; flash is the 4 MiB code region plus, on the
+MPS2 boards, the 16 MiB PSRAM that takes the weight arrays which do not fit the code region);
+`primary_flash=256K` shrinks the code region (a part with less internal flash: the largest
+weight arrays go to the PSRAM); `dsp=0` builds the plain C kernels;
 `patches=N` runs the CNN's spatial prefix in N x N patches (`mcu_patches`) and reports the
 arena before and after.
 """
@@ -35,7 +39,7 @@ from qcompiler.errors import ArtifactError, LoweringError, MemoryLimitError
 from .arm import decode_outputs, encode_inputs
 from .cdriver import KERNEL_SYMBOL, include_dirs
 from .mcu_plan import Plan, check as check_plan, plan as plan_arena
-from .mcu_project import BOARDS, STACK_BYTES, project_files
+from .mcu_project import BIG_SECTION, BOARDS, HARNESS_BYTES, place_weights, project_files
 from .program import CONST, Program, extract, workspace_bytes
 from .targets import get_target, split_target, tvm_target
 from .toolchain import require
@@ -67,11 +71,14 @@ def parse_size(text: str, what: str) -> int:
 
 
 def options(target: str) -> dict:
-    """The target's options, checked: flash/sram limits, dsp on/off, patches per side."""
+    """The target's options, checked: flash/sram limits, the primary flash region, dsp on/off,
+    patches per side."""
     base, opts = split_target(target)
-    out = {"base": base, "flash": BOARDS[base].flash[1], "sram": BOARDS[base].ram[1], "dsp": True, "patches": 0}
+    board = BOARDS[base]
+    out = {"base": base, "flash": board.flash[1] + (board.big[1] if board.big else 0), "sram": board.ram[1],
+           "primary_flash": board.flash[1], "dsp": True, "patches": 0}
     for k, v in opts.items():
-        if k in ("flash", "sram"):
+        if k in ("flash", "sram", "primary_flash"):
             out[k] = parse_size(v, k)
         elif k == "dsp":
             if v not in ("0", "1"):
@@ -81,6 +88,13 @@ def options(target: str) -> dict:
             if not v.isdigit() or int(v) == 1:
                 raise LoweringError(f"target option patches={v!r}: write the patches per side (2, 3, 4, ...; 0 = off)")
             out[k] = int(v)
+    if "primary_flash" in opts:
+        if not board.big:
+            raise LoweringError(f"target option primary_flash={opts['primary_flash']}: {board.machine} has no "
+                                "second memory for the weights that would not fit; set flash= (the part's limit)")
+        if not 0 < out["primary_flash"] <= board.flash[1]:
+            raise LoweringError(f"target option primary_flash={opts['primary_flash']}: {board.machine} maps "
+                                f"{board.flash[1] >> 10}K of code flash; write a size from 1 to {board.flash[1] >> 10}K")
     return out
 
 
@@ -105,6 +119,7 @@ def kernels_source(program: Program, target: str, dsp: bool, c: bool = True) -> 
     done per kernel and how many loops use SMLAD."""
     import tvm
 
+    from .exact_floats import PIPELINE, hex_literals
     from .mcu_dsp import schedule_kernels, use_smlad, use_smlad_u4
 
     kernels, notes = schedule_kernels(program.kernels)
@@ -114,15 +129,19 @@ def kernels_source(program: Program, target: str, dsp: bool, c: bool = True) -> 
         return program, "", {"schedules": notes}
     try:
         with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
-            src = tvm.tirx.build(kernels, target=tvm.target.Target(C_TARGET)).inspect_source()
+            src = tvm.tirx.build(kernels, target=tvm.target.Target(C_TARGET), pipeline=PIPELINE).inspect_source()
     except Exception as e:
         raise LoweringError(f"TVM could not generate C for the kernels: {type(e).__name__}: {e}") from e
+    src = hex_literals(src)  # float constants exact (`exact_floats`)
     smlad = 0
     if dsp:
         src, smlad = use_smlad(src)
         src, smlad4 = use_smlad_u4(src)
         smlad += smlad4
-    return program, src, {"schedules": notes, "smlad_loops": smlad}
+    from .mcu_narrow import narrow_constants  # int64 requantizer constants stored as int32
+
+    program, src, narrowed = narrow_constants(program, src)
+    return program, src, {"schedules": notes, "smlad_loops": smlad, "narrowed_constants": narrowed}
 
 
 def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "cortex-m4",
@@ -155,27 +174,48 @@ def build_program(extracted: Program, target: str) -> McuBinary:
     program, src, dsp_counts = kernels_source(extracted, opts["base"], opts["dsp"])
     arena = plan_arena(program)
     check_plan(arena)
-    files = project_files(program, arena, src, header(), opts["base"], headers_dirs())
-    elf, memory = make(files, target, opts, lambda measured: {**report_memory(program, arena, measured, opts),
-                                                                "dsp_kernels": dsp_counts})
+
+    def files_with(big=frozenset()):
+        return project_files(program, arena, src, header(), opts["base"], headers_dirs(),
+                             primary=opts["primary_flash"], big=big)
+
+    def placed(measured):  # the weights that do not fit the primary flash, in the board's big region
+        flash = measured["text"] + measured["data"]
+        if BOARDS[opts["base"]].big and opts["primary_flash"] - HARNESS_BYTES < flash <= opts["flash"]:
+            return files_with(place_weights(program, flash, opts["primary_flash"] - HARNESS_BYTES))
+        return None
+
+    files, elf, memory = make(files_with(), target, opts, lambda measured: {
+        **report_memory(program, arena, measured, opts), "dsp_kernels": dsp_counts}, placed)
     return McuBinary(files, elf, program.signature(), target, memory, program, extracted)
 
 
-def make(files: dict[str, bytes], target: str, opts: dict, memory_of) -> tuple[bytes, dict]:
-    """Run the project's Makefile: bare.elf first, measured and checked against the limits
-    (`memory_of(measured)` gives the report), then model.elf. Returns model.elf and the report."""
+def make(files: dict[str, bytes], target: str, opts: dict, memory_of, placed=None) -> tuple[dict, bytes, dict]:
+    """Run the project's Makefile: bare.elf first, measured; if `placed(measured)` gives new
+    files (weights moved to the board's big region) bare.elf again with them; the report
+    (`memory_of(measured)`) checked against the limits, then model.elf. Returns the files,
+    model.elf and the report."""
     require("arm-none-eabi-gcc")
+
+    def run(goal):
+        done = subprocess.run(["make", "-s", goal], cwd=work, capture_output=True, text=True)
+        if done.returncode:
+            raise LoweringError(f"building the {target} project failed (make {goal}):\n{done.stderr[-3000:]}")
+
     with tempfile.TemporaryDirectory(prefix="qc-mcu-") as work:
         write_files(files, work)
-        for goal in ("bare.elf", "model.elf"):
-            done = subprocess.run(["make", "-s", goal], cwd=work, capture_output=True, text=True)
-            if done.returncode:
-                raise LoweringError(f"building the {target} project failed (make {goal}):\n{done.stderr[-3000:]}")
-            if goal == "bare.elf":
-                memory = memory_of(measure(work))
-                check_fit(memory, opts, target)
+        run("bare.elf")
+        measured = measure(work)
+        if placed and (moved := placed(measured)):
+            write_files({k: v for k, v in moved.items() if files.get(k) != v}, work)
+            files = moved
+            run("bare.elf")
+            measured = measure(work)
+        memory = memory_of(measured)
+        check_fit(memory, opts, target)
+        run("model.elf")
         with open(os.path.join(work, "model.elf"), "rb") as f:
-            return f.read(), memory
+            return files, f.read(), memory
 
 
 def write_files(files: dict[str, bytes], folder: str) -> None:
@@ -187,9 +227,13 @@ def write_files(files: dict[str, bytes], folder: str) -> None:
 
 
 def measure(work: str) -> dict:
-    """Sizes of bare.elf (text, data, bss), code bytes per symbol, and stack frames (-fstack-usage)."""
+    """Sizes of bare.elf (text, data, bss; `big`: the read-only bytes in the big region, part of
+    text), code bytes per symbol, and stack frames (-fstack-usage)."""
     size = subprocess.run(["arm-none-eabi-size", "-B", "bare.elf"], cwd=work, capture_output=True, text=True, check=True)
     text, data, bss = (int(v) for v in size.stdout.splitlines()[1].split()[:3])
+    sections = subprocess.run(["arm-none-eabi-size", "-A", "bare.elf"], cwd=work, capture_output=True, text=True,
+                              check=True).stdout.split()
+    big = int(sections[sections.index(BIG_SECTION) + 1]) if BIG_SECTION in sections else 0
     nm = subprocess.run(["arm-none-eabi-nm", "-S", "--defined-only", "bare.elf"], cwd=work, capture_output=True,
                         text=True, check=True)
     symbols = {}
@@ -204,7 +248,7 @@ def measure(work: str) -> dict:
                 for line in f:
                     where, nbytes, _ = line.rsplit("\t", 2)
                     frames[where.rsplit(":", 1)[-1]] = int(nbytes)
-    return {"text": text, "data": data, "bss": bss, "symbols": symbols, "frames": frames}
+    return {"text": text, "data": data, "bss": bss, "big": big, "symbols": symbols, "frames": frames}
 
 
 def report_memory(p: Program, arena: Plan, m: dict, opts: dict) -> dict:
@@ -216,7 +260,12 @@ def report_memory(p: Program, arena: Plan, m: dict, opts: dict) -> dict:
         weights = sum(p.tensors[a].nbytes for a in set(c.args) if p.tensors[a].home == CONST)
         layers.append({"call": i, "kernel": c.kernel, "code_bytes": m["symbols"].get(KERNEL_SYMBOL.format(c.kernel), 0),
                        "weight_bytes": weights, "sram_bytes": arena.live_bytes[i], "workspace_bytes": arena.workspace[i]})
-    return {"flash_bytes": m["text"] + m["data"], "peak_sram_bytes": m["data"] + m["bss"] + stack,
+    board = BOARDS[opts["base"]]
+    regions = {f"flash {board.flash[0]:#x}": m["text"] + m["data"] - m.get("big", 0)}
+    if board.big:
+        regions[f"{board.big[2]} {board.big[0]:#x}"] = m.get("big", 0)
+    return {"flash_bytes": m["text"] + m["data"], "flash_regions": regions, "primary_flash_limit": opts["primary_flash"],
+            "big_flash_limit": board.big[1] if board.big else 0, "peak_sram_bytes": m["data"] + m["bss"] + stack,
             "arena_bytes": arena.arena_bytes, "unplanned_bytes": arena.naive_bytes, "stack_bytes": stack,
             "weight_bytes": sum(c.nbytes for c in p.constants), "flash_limit": opts["flash"],
             "sram_limit": opts["sram"], "layers": layers}
@@ -232,6 +281,14 @@ def check_fit(memory: dict, opts: dict, target: str) -> None:
                         f"(weights {memory['weight_bytes']} B). Largest layers: {biggest}. Would help: lower weight "
                         "bits (quant='w4a8' packs two weights a byte, 'w2a8' four), fewer channels, or a part with "
                         "more flash (target option flash=)")
+    else:  # the total fits: each region of the board must too (the code stays in the primary one)
+        limits = [memory.get("primary_flash_limit", opts["primary_flash"]), memory.get("big_flash_limit", 0)]
+        for (region, used), limit in zip(memory.get("flash_regions", {}).items(), limits):
+            if used > limit:
+                problems.append(f"flash region {region}: needs {used} bytes, {limit} available (code, executor "
+                                "tables and the constants not moved stay in the primary region; the largest weight "
+                                "arrays go to the big one). Would help: lower weight bits, fewer channels, or a "
+                                "larger primary_flash=")
     if memory["peak_sram_bytes"] > opts["sram"]:
         top = sorted(memory["layers"], key=lambda l: -l["sram_bytes"])[:3]
         biggest = "; ".join(f"{l['kernel']}: {l['sram_bytes']} B live ({l['workspace_bytes']} B workspace)" for l in top)
@@ -270,10 +327,21 @@ _EXIT = {1: "input.bin or output.bin would not open", 2: "input.bin is too short
          4: "writing output.bin failed", 127: "a processor fault (HardFault/UsageFault)"}
 
 
+KERNEL_SYMBOLS = ("__tvm_ffi_*", "qc_dot_*")  # the kernels, and the micro-kernel parts kept out of line
+
+
+def kernel_instructions(counts):
+    """The kernels' share of `instruction_counts`: the `__tvm_ffi_*` symbols (SMLAD micro-kernels
+    inlined into them) plus the out-of-line `qc_dot_*` parts (`qc_dot_s8_u4_rest`)."""
+    from .icount import SymbolCounts
+
+    parts = [counts.matching(p) for p in KERNEL_SYMBOLS]
+    return SymbolCounts(sum(p.insns for p in parts), {c: sum(p.classes[c] for p in parts) for c in counts.class_names})
+
+
 def instruction_counts(binary: McuBinary, inputs):
     """Executed instructions per symbol (and SMLAD-class counts) of one run, from the QEMU
-    TCG plugin (`icount.Counter`). The kernels are the `__tvm_ffi_*` symbols (the SMLAD
-    micro-kernel is inlined into them)."""
+    TCG plugin (`icount.Counter`); `kernel_instructions` gives the kernels' share."""
     from .icount import Counter
 
     with Counter(qemu="qemu-system-arm") as counter:

@@ -214,7 +214,27 @@ def convert_requantize(node, imp):
     return _emit(imp, R.astype(v, "int8"))
 
 
+def _reduce(reduce):
+    """aten.amax / amin (run-time quantizer ranges, `dynamic_quant`): a Relax max / min."""
+    def convert(node, imp):
+        x, dims, keepdim = _args(node, imp)
+        return _emit(imp, reduce(x, axis=list(dims) or None, keepdims=bool(keepdim)))
+    return convert
+
+
+def convert_full(node, imp):
+    """aten.full at static sizes (e.g. a causal mask) as a constant: TVM 0.27 cannot legalize
+    R.full (topi.full is handed the dtype as a PrimType, not a string)."""
+    size, val = node.args[0], node.meta.get("val")
+    if val is None or not all(isinstance(d, int) for d in size):
+        raise LoweringError(f"aten.full ({node.name}) at symbolic sizes {size} has no lowering")
+    return relax.const(torch.full([int(d) for d in size], node.args[1], dtype=val.dtype).numpy())
+
+
 CONVERT_MAP = {
+    "full.default": convert_full,
+    "amax.default": _reduce(R.max),
+    "amin.default": _reduce(R.min),
     "fake_quant.default": convert_fake_quant,
     "quantize.default": convert_quantize,
     "dequantize.default": convert_dequantize,

@@ -6,10 +6,10 @@ build:  IR -> flat Program (`program.extract` with `mali_schedule.mali_pipeline`
         `ScheduleForGPU`: int8 linears on 4-lane dot products (`mali_dot.py`), the others by
         the first of dlight's Matmul, GEMV, Reduction, GeneralReduction, Fallback that fits;
         with `tune`, MetaSchedule's schedules from the database first; storage planned by Relax)
-        -> `tvm.tirx.build` for opencl -device=mali, with the module kept
-        right after SplitHostDevice to read each kernel's launches (`mali_kernels.py`) and the
-        OpenCL C taken from the device module -> `MaliProgram` (plain data: tensors, buffers,
-        constants, calls, launches, OpenCL source).
+        -> `tvm.tirx.build` for opencl -device=mali (float constants exact: `exact_floats`),
+        with the module kept right after SplitHostDevice to read each kernel's launches
+        (`mali_kernels.py`) and the OpenCL C taken from the device module -> `MaliProgram`
+        (plain data: tensors, buffers, constants, calls, launches, OpenCL source).
 run:    `MaliRunner` (`mali_runner.py`) launches the kernels in order through pyopencl.
 
 The integer kernels are the same TE computations as on the CPU targets (lowering.py,

@@ -63,6 +63,7 @@ def export(program, out_dir) -> list[str]:
     import tvm
     from tvm.support.cc import cross_compiler
 
+    from .exact_floats import PIPELINE
     from .lowering import to_relax
     from .mali_dot import opencl_prelude
     from .mali_schedule import mali_pipeline
@@ -76,7 +77,7 @@ def export(program, out_dir) -> list[str]:
             mod = to_relax(ir, examples)
         with opencl_prelude():
             pipeline = program.relax_pipeline or mali_pipeline  # the verified build's (tuned) schedules
-            executable = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
+            executable = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt), tir_pipeline=PIPELINE)
         executable.export_library(str(out / "model.so"), fcompile=cross_compiler(gcc))
     except Exception as e:
         raise LoweringError(f"building model.so for an aarch64 host with OpenCL kernels failed: "

@@ -37,6 +37,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
+from .exact_floats import hex_literals
 from .intrin_x86 import TIR
 
 EXTENSION = "cl_arm_integer_dot_product_int8"
@@ -189,13 +190,19 @@ def _elementwise_kernel(sch, block, target) -> None:
     sch.bind(tx, "threadIdx.x")
 
 
+NO_CONTRACTION = "#pragma OPENCL FP_CONTRACT OFF\n"  # a * b + c rounds twice, as in the reference ops
+
+
 def _postproc(code, _target):
-    return PRELUDE + code if f"{HELPER}(" in code else code
+    code = hex_literals(code)  # float constants as exact hexadecimal literals (`exact_floats`)
+    return NO_CONTRACTION + (PRELUDE + code if f"{HELPER}(" in code else code)
 
 
 @contextlib.contextmanager
 def opencl_prelude():
-    """While active, TVM's OpenCL codegen puts `PRELUDE` in front of sources that call the helper."""
+    """While active, TVM's OpenCL codegen puts `PRELUDE` in front of sources that call the helper,
+    turns off floating-point contraction (OpenCL C allows fusing a * b + c into one rounding by
+    default), and writes float constants as exact hexadecimal literals (`exact_floats.hex_literals`)."""
     import tvm_ffi
 
     name = "tvm_callback_opencl_postproc"

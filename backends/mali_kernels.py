@@ -25,6 +25,8 @@ from tvm.tirx import PrimFunc
 
 from qcompiler.errors import LoweringError
 
+from .exact_floats import PIPELINE
+
 SPLIT = "tirx.SplitHostDevice"
 AXES = {"x": 0, "y": 1, "z": 2}
 
@@ -67,7 +69,7 @@ def compile_kernels(kernels: tvm.IRModule, target: tvm.target.Target):
     try:
         with tvm.transform.PassContext(opt_level=outer.opt_level, config=dict(outer.config),
                                        instruments=[*outer.instruments, AfterSplit()]):
-            lib = tvm.tirx.build(kernels, target=target)
+            lib = tvm.tirx.build(kernels, target=target, pipeline=PIPELINE)  # exact float constants
     except Exception as e:
         raise LoweringError(f"TVM could not compile the OpenCL kernels for {target.kind.name} "
                             f"-device={target.attrs.get('device', '')}: {type(e).__name__}: {e}") from e

@@ -20,8 +20,6 @@ tuning needs `rpc=`; docs/mali.md gives the board's commands. `apply_records` is
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from qcompiler.errors import TuningError
@@ -85,50 +83,17 @@ def tune(mod, tdict: dict, tune_opts):
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from .tuning import TuneSummary, device_count, target_key
-    from .toolchain import require
-    from .tuning_search import (_export_shared_library, _flops, _measure_callbacks, _Progress, _tune_task,
-                                select, share)
+    from .tuning import target_key
+    from .tuning_search import builder_runner, tune_tasks
 
     require_device(tune_opts)
     board = board_target(tdict)
     folder = Path(tune_opts.database) if tune_opts.database is not None else \
         tuning_db.default_dir(target_key("mali", board, tune_opts.rpc))
-    summary = TuneSummary(str(folder))
     with board:
         kernels = tvm.transform.Sequential(kernel_passes(board))(tvm.IRModule(mod.functions, attrs=mod.attrs))
     tasks = ms.relax_integration.extract_tasks(kernels, board)
-    work = Path(tempfile.mkdtemp(prefix="qcompiler-tune-mali-"))
-    try:
-        (work / "view").mkdir()
-        view = tuning_db.snapshot(folder, work / "view")
-        todo = sorted(select(tasks, view, summary), key=_flops)
-        if todo:
-            builder = ms.builder.LocalBuilder(timeout_sec=tune_opts.timeout_sec, f_export=_export_shared_library(require(CROSS_CC)))
-            rpc = tune_opts.rpc
-            config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
-                                         session_priority=rpc.priority, session_timeout_sec=rpc.session_timeout_sec)
-            runner = ms.runner.RPCRunner(rpc_config=config, max_workers=device_count(rpc))
-            progress = _Progress(len(todo), tune_opts.progress)
-            callbacks, remaining, flops = _measure_callbacks(progress), tune_opts.trials, [_flops(t) for t in todo]
-            try:
-                for i, task in enumerate(todo):
-                    trials = max(1, share(remaining, flops[i:]))
-                    progress.start(task.task_name, trials)
-                    database = _tune_task(task, trials, work / f"task{i}", tune_opts, builder, runner, callbacks)
-                    tuning_db.merge(folder, database)  # persisted before the next kernel
-                    tuning_db.copy_records(database, view)
-                    progress.done()
-                    summary.tuned.append(task.task_name)
-                    summary.trials += progress.count
-                    remaining -= progress.count
-            finally:
-                progress.close()
-        memory = ms.database.MemoryDatabase()
-        tuning_db.copy_records(view, memory)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return memory, summary
+    return tune_tasks(tasks, "mali", tune_opts, folder, lambda: builder_runner(tune_opts, CROSS_CC), cpu=False)
 
 
 def sampled_database(gm, example_inputs: tuple, tdict: dict, seed: int = 0):

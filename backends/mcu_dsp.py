@@ -25,6 +25,11 @@
    bytes, `__sxtab16` widens bytes 0/2 and 1/3 to 16-bit lanes and adds ZA (an int16: exact),
    `__smlad` does two 16x16 multiplies and both adds; the tail runs in scalar code. All sums
    are exact int32, as in the reference. GCC and LLVM never emit SMLAD for the plain loop.
+3. `use_smlad_u4(c_source)`: the same for int8 x packed-int4 loops (`qc_dot_s8_u4`, or
+   `qc_dot_s8_u4_span` for a row shorter than 32 weights, whose one block is narrower), and
+   the three-loop reductions of grouped linears (`qc_dot_s8_u4_clamp` for a ragged last group),
+   each accepted only when TVM's index expressions, evaluated, give `packing.py`'s layout.
+   The C of the micro-kernels is `mcu_templates.DSP_H` (qc_dsp.h).
 """
 
 from __future__ import annotations
@@ -203,42 +208,120 @@ def _values(expr: str, k: str, n: int, env: dict) -> list[int] | None:
         return None
 
 
-def _packed_layout(k: str, n: int, xi: str, wi: str, sh: str) -> bool:
-    """True when, for every k < n and several values of the other index variables, x is read
-    at x0 + k and weight k comes from byte w0 + (k >> 5) * 16 + (k & 15), nibble (k & 31) >> 4:
-    the layout of kernels_int.py (checked by evaluating TVM's index expressions)."""
-    want_byte = [(i >> 5) * 16 + (i & 15) for i in range(n)]
-    want_shift = [((i & 31) >> 4) * 4 for i in range(n)]
+def _packed_layout(k: str, n: int, xi: str, wi: str, sh: str) -> int | None:
+    """The block span S (bytes) when, for every k < n and several values of the other index
+    variables, x is read at x0 + k and weight k comes from byte w0 + (k // 2S) * S + k % S,
+    nibble (k % 2S) // S: the layout of `packing.py` (S = 16, or less for a row shorter than
+    32 weights), checked by evaluating TVM's index expressions; else None."""
+    spans = []
     for value in (0, 1, 3, 64):
         env = {name: value for name in re.findall(r"[A-Za-z_]\w*", xi + wi + sh)}
         x, w, shift = _values(xi, k, n, env), _values(wi, k, n, env), _values(sh, k, n, env)
-        if None in (x, w, shift):
-            return False
-        if [v - x[0] for v in x] != list(range(n)) or [v - w[0] for v in w] != want_byte or shift != want_shift:
-            return False
-    return True
+        if None in (x, w, shift) or [v - x[0] for v in x] != list(range(n)):
+            return None
+        spans.append(next((s for s in range(1, 17) if [v - w[0] for v in w] == [(i // (2 * s)) * s + i % s for i in range(n)]
+                           and shift == [((i % (2 * s)) // s) * 4 for i in range(n)]), None))
+    return spans[0] if spans[0] and len(set(spans)) == 1 else None
 
 
-def use_smlad_u4(src: str, min_length: int = 32) -> tuple[str, int]:
-    """Replace every int8 x packed-int4 dot loop of TVM's C output by `qc_dot_s8_u4`. The loop's
-    statement, with casts to int32/int64 dropped (the sums are exact int32 either way) and
-    parentheses around atoms removed, must be the unpack-multiply-accumulate, and its index
-    expressions must give `kernels_int.py`'s packed layout for every k of the loop."""
+def use_smlad_u4(src: str, min_length: int = 8) -> tuple[str, int]:
+    """Replace every int8 x packed-int4 dot loop of TVM's C output by `qc_dot_s8_u4` (blocks of
+    16 bytes) or `qc_dot_s8_u4_span` (the one shorter block of a row under 32 weights, e.g. a
+    first conv's 3x3 taps). The loop's statement, with casts to int32/int64 dropped (the sums
+    are exact int32 either way) and parentheses around atoms removed, must be the
+    unpack-multiply-accumulate, and its index expressions must give `packing.py`'s layout for
+    every k of the loop."""
     count = 0
 
     def swap(m):
         nonlocal count
         k, n = m["k"], int(m["n"])
         d = _U4.fullmatch(strip_atoms(m["stmt"].replace("(int64_t)", "").replace("(int32_t)", "")))
-        if (d is None or n < min_length or re.search(rf"\b{k}\b", d["acc"]) or not _int8(src, d["x"])
-                or not _packed_layout(k, n, d["xi"], d["wi"], d["sh"])):
+        if d is None or n < min_length or re.search(rf"\b{k}\b", d["acc"]) or not _int8(src, d["x"]):
+            return m.group(0)
+        span = _packed_layout(k, n, d["xi"], d["wi"], d["sh"])
+        if span is None:
             return m.group(0)
         count += 1
         at0 = lambda e: re.sub(rf"\b{k}\b", "0", e)  # noqa: E731
-        return (f"{d['acc']} = ({d['acc']} + qc_dot_s8_u4(&{d['x']}[{at0(d['xi'])}], "
-                f"(const uint8_t *)&{d['w']}[{at0(d['wi'])}], {n}, {d['za']}));  /* SMLAD micro-kernel, packed 4-bit */")
+        call, arg = ("qc_dot_s8_u4", "") if span == 16 else ("qc_dot_s8_u4_span", f" {span},")
+        return (f"{d['acc']} = ({d['acc']} + {call}(&{d['x']}[{at0(d['xi'])}], "
+                f"(const uint8_t *)&{d['w']}[{at0(d['wi'])}], {n},{arg} {d['za']}));  /* SMLAD micro-kernel, packed 4-bit */")
 
-    return _LOOP.sub(swap, src), count
+    src, nested = use_smlad_u4_nested(src)
+    return _LOOP.sub(swap, src), count + nested
+
+
+_FOR = r"\s*for \(int(?:32|64)_t (?P<{0}>\w+) = (?:\(int64_t\))?0; (?P={0}) < (?:\(int64_t\))?(?P<{1}>\d+); \+\+(?P={0})\) \{{\n"
+_NEST = re.compile(  # TVM's split reduction of a grouped int4 linear: three loops, zero-init on the first step
+    r"(?P<ind>[ ]*)" + _FOR.format("k0", "n0")[3:] + _FOR.format("k1", "n1") + _FOR.format("k2", "n2") +
+    r"(?P<cse>(?:\s*int(?:32|64)_t \w+ = [^\n]+;\n)*)"
+    r"\s*if \((?P<cond>[^\n]+)\) \{\n\s*(?P<init>\w+\[[^\n]+\]) = 0;\n\s*\}\n"
+    r"(?P<cse2>(?:\s*int(?:32|64)_t \w+ = [^\n]+;\n)*)"
+    r"\s*(?P<stmt>[^\n]+;)\n\s*\}\n\s*\}\n\s*\}")
+_MIN = re.compile(r"\((?P<a>.+) < (?P<b>\d+) \? (?P=a) : (?P=b)\)")  # min(a, b) as TVM prints it, atoms stripped
+
+
+def _eval(expr: str, env: dict):
+    if not _ARITH.fullmatch(expr.replace("==", "-")) or ">>=" in expr:
+        return None
+    try:
+        return eval(compile(expr.replace("/", "//"), "<index>", "eval"), {"__builtins__": {}},
+                    {**{v: 0 for v in re.findall(r"[A-Za-z_]\w*", expr)}, **env})
+    except Exception:
+        return None
+
+
+def use_smlad_u4_nested(src: str, min_length: int = 32) -> tuple[str, int]:
+    """Replace the three-loop int8 x packed-int4 reductions of grouped linears (the group's K
+    split in blocks, nibbles and bytes, the accumulator zeroed on the first step) by one
+    `qc_dot_s8_u4` call: the common-subexpression locals are inlined, the statement must be
+    the unpack-multiply-accumulate, the zeroing must happen on the first step only, and the
+    index expressions, evaluated over the whole nest in order, must give the packed layout
+    (activation x0 + k, weight byte w0 + (k >> 5) * 16 + (k & 15), nibble (k & 31) >> 4).
+    A ragged last group reads the activation at min(x0 + k, last) (`grouped_linear` clamps
+    it): that call is `qc_dot_s8_u4_clamp`, which reads x[last] for the steps past it."""
+    count = 0
+
+    def swap(m):
+        nonlocal count
+        ks, ns = (m["k0"], m["k1"], m["k2"]), (int(m["n0"]), int(m["n1"]), int(m["n2"]))
+        plain = lambda e: strip_atoms(e.replace("(int64_t)", "").replace("(int32_t)", ""))  # noqa: E731
+        stmt, cond, init = m["stmt"], m["cond"], m["init"]
+        for name, expr in reversed(re.findall(r"int(?:32|64)_t (\w+) = ([^\n]+);", m["cse"] + m["cse2"])):
+            stmt, cond, init = (re.sub(rf"\b{name}\b", f"({expr})", e) for e in (stmt, cond, init))
+        d = _U4.fullmatch(plain(stmt))
+        n = ns[0] * ns[1] * ns[2]
+        if d is None or n < min_length or any(re.search(rf"\b{k}\b", d["acc"]) for k in ks) \
+                or plain(init) != d["acc"] or not _int8(src, d["x"]):
+            return m.group(0)
+        d = d.groupdict()
+        clamp = _MIN.fullmatch(d["xi"])
+        if clamp:  # the layout is checked on the unclamped index
+            d["xi"] = clamp["a"]
+        steps = [dict(zip(ks, (a, b, c))) for a in range(ns[0]) for b in range(ns[1]) for c in range(ns[2])]
+        for other in (0, 1, 3):
+            values = []
+            for env in steps:
+                env = {**{v: other for v in re.findall(r"[A-Za-z_]\w*", d["xi"] + d["wi"])}, **env}
+                values.append(tuple(_eval(e, env) for e in (d["xi"], d["wi"], d["sh"], cond.replace("(int64_t)", ""))))
+            if any(None in v for v in values):
+                return m.group(0)
+            x0, w0 = values[0][0], values[0][1]
+            for k, (x, w, sh, first) in enumerate(values):
+                layout = (x - x0, w - w0, sh, bool(first))
+                if layout != (k, (k >> 5) * 16 + (k & 15), ((k & 31) >> 4) * 4, k == 0):
+                    return m.group(0)
+        count += 1
+        at0 = lambda e: strip_atoms(re.sub(rf"\b({'|'.join(ks)})\b", "0", e))  # noqa: E731
+        w = f"(const uint8_t *)&{d['w']}[{at0(d['wi'])}]"
+        if clamp:
+            return (f"{m['ind']}{d['acc']} = qc_dot_s8_u4_clamp({d['x']}, (int32_t)({at0(d['xi'])}), {clamp['b']}, {w}, "
+                    f"{n}, {d['za']});  /* SMLAD micro-kernel, packed 4-bit, grouped, ragged */")
+        return (f"{m['ind']}{d['acc']} = qc_dot_s8_u4(&{d['x']}[{at0(d['xi'])}], {w}, {n}, {d['za']});"
+                "  /* SMLAD micro-kernel, packed 4-bit, grouped */")
+
+    return _NEST.sub(swap, src), count
 
 
 def _int8(src: str, *names: str) -> bool:
@@ -248,95 +331,8 @@ def _int8(src: str, *names: str) -> bool:
                for n in names)
 
 
-HEADER = r"""/* qcompiler: ACLE micro-kernels for the int8 dot products of kernels.c (backends/mcu_dsp.py). */
-#ifndef QC_DSP_H
-#define QC_DSP_H
-#include <stdint.h>
-#include <string.h>
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
-#include <arm_acle.h>
-#endif
-
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
-/* SXTB16 / SXTAB16 of the bytes 1 and 3 (the ROR #8 form; GCC's ACLE has no rotate argument) */
-static inline int16x2_t qc_sxtb16_ror8(uint32_t x) {
-  int16x2_t r;
-  __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
-  return r;
-}
-static inline int16x2_t qc_sxtab16_ror8(int16x2_t z, uint32_t x) {
-  int16x2_t r;
-  __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(z), "r"(x));
-  return r;
-}
-
-/* 4 products: acc + (a0+za)b0 + (a1+za)b1 + (a2+za)b2 + (a3+za)b3 */
-static inline int32_t qc_smlad4(uint32_t wa, uint32_t wb, int16x2_t z, int32_t acc) {
-  acc = __smlad(__sxtab16(z, (int8x4_t)wa), __sxtb16((int8x4_t)wb), acc);
-  return __smlad(qc_sxtab16_ror8(z, wa), qc_sxtb16_ror8(wb), acc);
-}
-#endif
-
-/* sum over i < n of (a[i] + za) * b[i], exactly (int32, as the reference) */
-static inline int32_t qc_dot_s8(const int8_t *a, const int8_t *b, int32_t n, int32_t za) {
-  int32_t acc = 0, i = 0;
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
-  const int16x2_t z = (int16x2_t)(((uint32_t)(uint16_t)za << 16) | (uint16_t)za);
-  for (; i + 8 <= n; i += 8) {  /* two words a step: Cortex-M4/M7 load unaligned words */
-    uint32_t wa0, wa1, wb0, wb1;
-    memcpy(&wa0, a + i, 4);
-    memcpy(&wa1, a + i + 4, 4);
-    memcpy(&wb0, b + i, 4);
-    memcpy(&wb1, b + i + 4, 4);
-    acc = qc_smlad4(wa0, wb0, z, acc);
-    acc = qc_smlad4(wa1, wb1, z, acc);
-  }
-  for (; i + 4 <= n; i += 4) {
-    uint32_t wa, wb;
-    memcpy(&wa, a + i, 4);
-    memcpy(&wb, b + i, 4);
-    acc = qc_smlad4(wa, wb, z, acc);
-  }
-#endif
-  for (; i < n; i++) acc += ((int32_t)a[i] + za) * (int32_t)b[i];
-  return acc;
-}
-
-/* sum over k < n of (x[k] + za) * (w4[k] - 8) for 4-bit weights packed as kernels_int.py stores
- * them: weight k in byte (k >> 5) * 16 + (k & 15), low nibble when (k & 31) < 16, else high */
-static inline int32_t qc_dot_s8_u4(const int8_t *x, const uint8_t *w, int32_t n, int32_t za) {
-  int32_t acc = 0, k = 0;
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
-  const int16x2_t z = (int16x2_t)(((uint32_t)(uint16_t)za << 16) | (uint16_t)za);
-  const int16x2_t m8 = (int16x2_t)0xFFF8FFF8u;  /* -8 in both lanes: offset binary -> signed */
-  const int32_t blocks = n >> 5, half = (n & 31) >> 4;
-  for (int32_t blk = 0; blk < blocks + half; blk++) {  /* 32 weights in 16 bytes; the last may be half */
-    const int8_t *xb = x + 32 * blk;
-    const uint8_t *wb = w + 16 * blk;
-    for (int32_t j = 0; j < 16; j += 4) {
-      uint32_t ww, xl;
-      memcpy(&ww, wb + j, 4);
-      memcpy(&xl, xb + j, 4);
-      uint32_t lo = ww & 0x0F0F0F0Fu;
-      acc = __smlad(__sxtab16(z, (int8x4_t)xl), __sxtab16(m8, (int8x4_t)lo), acc);
-      acc = __smlad(qc_sxtab16_ror8(z, xl), qc_sxtab16_ror8(m8, lo), acc);
-      if (blk < blocks) {  /* the high nibbles pair with x[16..31] of the block */
-        uint32_t xh, hi = (ww >> 4) & 0x0F0F0F0Fu;
-        memcpy(&xh, xb + 16 + j, 4);
-        acc = __smlad(__sxtab16(z, (int8x4_t)xh), __sxtab16(m8, (int8x4_t)hi), acc);
-        acc = __smlad(qc_sxtab16_ror8(z, xh), qc_sxtab16_ror8(m8, hi), acc);
-      }
-    }
-  }
-  k = 32 * blocks + 16 * half;
-#endif
-  for (int32_t r = n - k; r > 0; r--, k++)
-    acc += ((int32_t)x[k] + za) * ((int32_t)((w[(k >> 5) * 16 + (k & 15)] >> (((k & 31) >> 4) * 4)) & 15) - 8);
-  return acc;
-}
-#endif
-"""
-
-
 def header() -> str:
-    return HEADER
+    """qc_dsp.h: the micro-kernels the rewritten loops call (`mcu_templates.DSP_H`)."""
+    from .mcu_templates import DSP_H
+
+    return DSP_H

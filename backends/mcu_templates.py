@@ -27,6 +27,12 @@ MODEL_C_HEAD = """\
 #include "qc_runtime.h"
 
 #define ARG(t) {.type_index = kTVMFFIDLTensorPtr, .v_ptr = (void *)&(t)}
+
+struct qc_call {
+  int32_t (*kernel)(void *, void *, int32_t, void *);
+  uint16_t first, count;  /* its arguments: args[first .. first + count) */
+  uint32_t ws_offset, ws_bytes;  /* its workspace: a window of the arena */
+};
 """
 
 RUNTIME_H = """\
@@ -37,8 +43,8 @@ RUNTIME_H = """\
 
 /* the scratch memory the next kernel may take (a window of the arena the plan reserved) */
 void qc_workspace_window(uint8_t *base, uint32_t bytes);
-/* records which kernel failed; returns its status for qc_model_run */
-int qc_failed(int call, const char *kernel);
+/* records that kernel call `call` failed; returns its status for qc_model_run */
+int qc_failed(int call);
 #endif
 """
 
@@ -47,7 +53,7 @@ RUNTIME_C = r"""/* qcompiler's runtime shim: the symbols TVM's C kernels referen
 #include <stdint.h>
 #include "qc_runtime.h"
 
-static const char *error_kind = "", *error_part = "", *failed_kernel = "";
+static const char *error_kind = "", *error_part = "";
 static uint8_t *ws_base;
 static uint32_t ws_size, ws_top;
 
@@ -77,9 +83,9 @@ int TVMBackendFreeWorkspace(int device_type, int device_id, void *ptr) {
   return 0;
 }
 
-int qc_failed(int call, const char *kernel) { failed_kernel = kernel; return call + 1; }
+int qc_failed(int call) { return call + 1; }
 
-const char *qc_model_error(void) { return *failed_kernel ? failed_kernel : error_kind; }
+const char *qc_model_error(void) { return error_kind; }
 const char *qc_model_error_detail(void) { return error_part; }
 """
 
@@ -90,6 +96,7 @@ MAIN_C = r"""/* QEMU harness (semihosting): input.bin -> qc_model_run -> output.
 #include "model.h"
 
 {decls}
+static const char *const kernel_names[] = {{{names}}};  /* per call (kept out of the bare firmware) */
 
 int main(void) {{
   FILE *f = fopen("input.bin", "rb");
@@ -98,7 +105,8 @@ int main(void) {{
   fclose(f);
   int status = qc_model_run({args});
   if (status) {{
-    fprintf(stderr, "qcompiler: kernel call %d failed: %s\n", status - 1, qc_model_error());
+    fprintf(stderr, "qcompiler: kernel call %d (%s) failed: %s\n", status - 1, kernel_names[status - 1],
+            qc_model_error());
     return 3;
   }}
   f = fopen("output.bin", "wb");
@@ -131,7 +139,8 @@ void _fini(void) {}
 
 void Fault_Handler(void) { exit(127); }
 
-void Reset_Handler(void) {
+/* the copy and zero loops stay loops: as memcpy/memset calls they would pull ~470 bytes of libc into flash */
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void Reset_Handler(void) {
   *(volatile uint32_t *)0xE000ED88 |= 0xFu << 20;  /* CPACR: full access to CP10/CP11 (the FPU) */
   __asm volatile("dsb\n\tisb");
   for (uint32_t *s = &_sidata, *d = &_sdata; d < &_edata;) *d++ = *s++;
@@ -147,11 +156,11 @@ __attribute__((section(".isr_vector"), used)) const void *const qc_vectors[16] =
 """
 
 LD = """\
-/* Linker script: code and constants in flash, .data (with .got) and .bss in RAM, stack on top. */
+/* Linker script: code and constants in flash, .data (with .got) and .bss in RAM, stack on top.{big_note} */
 ENTRY(Reset_Handler)
 MEMORY {{
   FLASH (rx) : ORIGIN = {fo:#010x}, LENGTH = {fl}
-  RAM (rwx) : ORIGIN = {ro:#010x}, LENGTH = {rl}
+  RAM (rwx) : ORIGIN = {ro:#010x}, LENGTH = {rl}{big_region}
 }}
 _estack = ORIGIN(RAM) + LENGTH(RAM);
 _stack_bytes = {stack};
@@ -165,7 +174,7 @@ SECTIONS {{
     __preinit_array_start = .; __preinit_array_end = .;
     __init_array_start = .; KEEP(*(.init_array*)) __init_array_end = .;
     __fini_array_start = .; KEEP(*(.fini_array*)) __fini_array_end = .;
-  }} > FLASH
+  }} > FLASH{big_section}
   _sidata = LOADADDR(.data);
   .data : {{ _sdata = .; *(.data*) *(.got*) . = ALIGN(4); _edata = .; }} > RAM AT > FLASH
   .bss (NOLOAD) : {{ _sbss = .; *(.bss*) *(COMMON) . = ALIGN(4); _ebss = .; }} > RAM
@@ -218,4 +227,137 @@ Drop model.h, model.c, kernels.c, weights.c, qc_runtime.c/.h, qc_dsp.h and inclu
 firmware project (compile with -Iinclude -ffp-contract=off), or try it here:
   make && cp <your input bytes> input.bin && make run   (writes output.bin)
 Needs: gcc-arm-none-eabi libnewlib-arm-none-eabi (build), qemu-system-arm (run).
+"""
+
+DSP_H = r"""/* qcompiler: ACLE micro-kernels for the int8 dot products of kernels.c (backends/mcu_dsp.py). */
+#ifndef QC_DSP_H
+#define QC_DSP_H
+#include <stdint.h>
+#include <string.h>
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#include <arm_acle.h>
+#endif
+
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+/* SXTB16 / SXTAB16 of the bytes 1 and 3 (the ROR #8 form; GCC's ACLE has no rotate argument) */
+static inline int16x2_t qc_sxtb16_ror8(uint32_t x) {
+  int16x2_t r;
+  __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+  return r;
+}
+static inline int16x2_t qc_sxtab16_ror8(int16x2_t z, uint32_t x) {
+  int16x2_t r;
+  __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(z), "r"(x));
+  return r;
+}
+
+/* 4 products: acc + (a0+za)b0 + (a1+za)b1 + (a2+za)b2 + (a3+za)b3 */
+static inline int32_t qc_smlad4(uint32_t wa, uint32_t wb, int16x2_t z, int32_t acc) {
+  acc = __smlad(__sxtab16(z, (int8x4_t)wa), __sxtb16((int8x4_t)wb), acc);
+  return __smlad(qc_sxtab16_ror8(z, wa), qc_sxtb16_ror8(wb), acc);
+}
+
+/* 4 products with 4-bit weights: acc + sum (x_i + za) * (u_i - 8), u = the nibbles in `nib` (0x0F0F0F0F-masked) */
+static inline int32_t qc_smlad4_u4(const int8_t *x, uint32_t nib, int16x2_t z, int32_t acc) {
+  const int16x2_t m8 = (int16x2_t)0xFFF8FFF8u;  /* -8 in both lanes: offset binary -> signed */
+  uint32_t xw;
+  memcpy(&xw, x, 4);
+  acc = __smlad(__sxtab16(z, (int8x4_t)xw), __sxtab16(m8, (int8x4_t)nib), acc);
+  return __smlad(qc_sxtab16_ror8(z, xw), qc_sxtab16_ror8(m8, nib), acc);
+}
+#endif
+
+/* sum over i < n of (a[i] + za) * b[i], exactly (int32, as the reference) */
+static inline int32_t qc_dot_s8(const int8_t *a, const int8_t *b, int32_t n, int32_t za) {
+  int32_t acc = 0, i = 0;
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+  const int16x2_t z = (int16x2_t)(((uint32_t)(uint16_t)za << 16) | (uint16_t)za);
+  for (; i + 8 <= n; i += 8) {  /* two words a step: Cortex-M4/M7 load unaligned words */
+    uint32_t wa0, wa1, wb0, wb1;
+    memcpy(&wa0, a + i, 4);
+    memcpy(&wa1, a + i + 4, 4);
+    memcpy(&wb0, b + i, 4);
+    memcpy(&wb1, b + i + 4, 4);
+    acc = qc_smlad4(wa0, wb0, z, acc);
+    acc = qc_smlad4(wa1, wb1, z, acc);
+  }
+  for (; i + 4 <= n; i += 4) {
+    uint32_t wa, wb;
+    memcpy(&wa, a + i, 4);
+    memcpy(&wb, b + i, 4);
+    acc = qc_smlad4(wa, wb, z, acc);
+  }
+#endif
+  for (; i < n; i++) acc += ((int32_t)a[i] + za) * (int32_t)b[i];
+  return acc;
+}
+
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+/* qc_dot_s8_u4_span's blocks from x, w on (any span; the last block may be partial: its low
+ * nibbles pair with x[0 .. min(r, span)), its high ones with x[span .. r)); out of line: one copy */
+static int32_t __attribute__((noinline, unused)) qc_dot_s8_u4_rest(const int8_t *x, const uint8_t *w, int32_t n,
+                                                                   int32_t span, int32_t za) {
+  const int16x2_t z = (int16x2_t)(((uint32_t)(uint16_t)za << 16) | (uint16_t)za);
+  int32_t acc = 0;
+  for (int32_t k = 0; k < n; k += 2 * span) {
+    const int8_t *xb = x + k;
+    const uint8_t *wb = w + k / 2;
+    int32_t r = n - k < 2 * span ? n - k : 2 * span, nlo = r < span ? r : span, nhi = r - span, j = 0;
+    for (; j + 4 <= nlo; j += 4) {
+      uint32_t ww;
+      memcpy(&ww, wb + j, 4);
+      acc = qc_smlad4_u4(xb + j, ww & 0x0F0F0F0Fu, z, acc);
+    }
+    for (; j < nlo; j++) acc += ((int32_t)xb[j] + za) * ((int32_t)(wb[j] & 15) - 8);
+    for (j = 0; j + 4 <= nhi; j += 4) {
+      uint32_t ww;
+      memcpy(&ww, wb + j, 4);
+      acc = qc_smlad4_u4(xb + span + j, (ww >> 4) & 0x0F0F0F0Fu, z, acc);
+    }
+    for (; j < nhi; j++) acc += ((int32_t)xb[span + j] + za) * ((int32_t)(wb[j] >> 4) - 8);
+  }
+  return acc;
+}
+#endif
+
+/* sum over k < n of (x[k] + za) * (w4[k] - 8) for 4-bit weights packed as backends/packing.py
+ * stores them: blocks of `span` bytes hold 2 * span weights, weight k in byte
+ * (k / (2 span)) * span + k % span, the low nibble for the first `span` weights of a block */
+static inline int32_t qc_dot_s8_u4_span(const int8_t *x, const uint8_t *w, int32_t n, int32_t span, int32_t za) {
+  int32_t acc = 0, k = 0;
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+  const int16x2_t z = (int16x2_t)(((uint32_t)(uint16_t)za << 16) | (uint16_t)za);
+  if ((span & 3) == 0) {
+    for (; k + 2 * span <= n; k += 2 * span) {  /* whole blocks: each weight word gives both nibbles */
+      for (int32_t j = 0; j < span; j += 4) {
+        uint32_t ww;
+        memcpy(&ww, w + k / 2 + j, 4);
+        acc = qc_smlad4_u4(x + k + j, ww & 0x0F0F0F0Fu, z, acc);
+        acc = qc_smlad4_u4(x + k + span + j, (ww >> 4) & 0x0F0F0F0Fu, z, acc);
+      }
+    }
+  }
+  if (k < n) acc += qc_dot_s8_u4_rest(x + k, w + k / 2, n - k, span, za);
+#else
+  for (; k < n; k++)
+    acc += ((int32_t)x[k] + za) * ((int32_t)((w[(k / (2 * span)) * span + k % span] >> (((k % (2 * span)) / span) * 4)) & 15) - 8);
+#endif
+  return acc;
+}
+
+/* the layout of rows of 32 weights or more: blocks of 16 bytes, weight k in byte (k >> 5) * 16 + (k & 15) */
+static inline int32_t qc_dot_s8_u4(const int8_t *x, const uint8_t *w, int32_t n, int32_t za) {
+  return qc_dot_s8_u4_span(x, w, n, 16, za);
+}
+
+/* the same sum with x read at min(x0 + k, last) (a ragged last group: kernels_int.grouped_linear
+ * clamps the index): the reads past `last` add (x[last] + za) * (the sum of their weights) */
+static inline int32_t qc_dot_s8_u4_clamp(const int8_t *x, int32_t x0, int32_t last, const uint8_t *w, int32_t n,
+                                         int32_t za) {
+  int32_t valid = last - x0 + 1, s = 0;
+  valid = valid < 0 ? 0 : valid > n ? n : valid;
+  for (int32_t k = valid; k < n; k++) s += ((w[(k >> 5) * 16 + (k & 15)] >> (((k & 31) >> 4) * 4)) & 15) - 8;
+  return (valid ? qc_dot_s8_u4(x + x0, w, valid, za) : 0) + ((int32_t)x[last] + za) * s;
+}
+#endif
 """

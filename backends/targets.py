@@ -49,7 +49,7 @@ TARGETS = {
         f"Cortex-M{n} microcontroller: a self-contained C project (TVM c target, SMLAD kernels, static arena), "
         f"built with arm-none-eabi-gcc and run on QEMU's {board} board",
         backend="cortex_m", cc="arm-none-eabi-gcc", emulator="qemu-system-arm", cpu=board,
-        options=("flash", "sram", "dsp", "patches"))
+        options=("flash", "sram", "dsp", "patches", "primary_flash"))
        for n, board, triple in ((4, "mps2-an386", "thumbv7em-none-eabihf"), (7, "mps2-an500", "thumbv7em-none-eabihf"),
                                 (55, "mps3-an547", "thumbv8.1m.main-none-eabihf"))},
 }

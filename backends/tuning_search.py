@@ -5,7 +5,7 @@ which kernels to tune, how the trial budget is shared, and the measurement loop.
   (dynamic_batch) cannot be tuned, one with a valid record in the database is done.
 - `share`: trials in proportion to FLOPs, at least one per kernel, lightest kernel first; what
   a kernel leaves unused (a small search space) goes to the next ones.
-- `tune_kernels`: one kernel at a time, each in a temporary work folder with its own
+- `tune_tasks` (for every target; `tune_kernels` extracts the CPU targets' tasks): one kernel at a time, each in a temporary work folder with its own
   JSONDatabase (TVM's evolutionary search, XGBoost cost model, LocalBuilder, and LocalRunner or
   RPCRunner); when a kernel is done its records are merged into the persistent database
   (`tuning_db.merge`), so an interrupt loses only the kernel in progress. tqdm bars count
@@ -172,12 +172,12 @@ def _alloc_arguments_from_host():
     return alloc
 
 
-def _builder_runner(target: str, tune: Tune):
+def builder_runner(tune: Tune, cross_cc: str | None = None):
+    """MetaSchedule's LocalBuilder (candidates linked by `cross_cc` when the code is for
+    another machine) and its LocalRunner, or an RPCRunner on the devices of `tune.rpc`."""
     from tvm.s_tir import meta_schedule as ms
 
-    export = None
-    if is_cross(target):
-        export = _export_shared_library(require(get_target(target).cc))
+    export = _export_shared_library(require(cross_cc)) if cross_cc else None
     builder = ms.builder.LocalBuilder(timeout_sec=tune.timeout_sec, f_build=_build_without_intrinsics(), f_export=export)
     if tune.rpc is None:
         return builder, ms.runner.LocalRunner(timeout_sec=tune.timeout_sec)
@@ -242,10 +242,19 @@ def tune_kernels(mod, target: str, tune: Tune):
 
     tgt = tuning_target(target, tune)
     folder = Path(tune.database) if tune.database is not None else tuning_db.default_dir(target_key(target, tgt, tune.rpc))
-    summary = TuneSummary(str(folder))
     with tgt:
         kernels = kernel_stage(tgt)(tvm.IRModule(mod.functions, attrs=mod.attrs))  # a fresh module
     tasks = ms.relax_integration.extract_tasks(kernels, tgt)
+    cross_cc = get_target(target).cc if is_cross(target) else None
+    return tune_tasks(tasks, target, tune, folder, lambda: builder_runner(tune, cross_cc))
+
+
+def tune_tasks(tasks, target: str, tune: Tune, folder: Path, make_builder_runner, cpu: bool = True):
+    """The loop every target shares: the tasks the database in `folder` lacks are tuned one
+    at a time (`_tune_all`); returns (the database in memory, the TuneSummary)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    summary = TuneSummary(str(folder))
     work = Path(tempfile.mkdtemp(prefix="qcompiler-tune-"))
     try:
         (work / "view").mkdir()
@@ -258,7 +267,9 @@ def tune_kernels(mod, target: str, tune: Tune):
                           f"the {len(todo) + len(summary.no_budget)} kernels to tune); they keep the default "
                           "schedules until a later compile tunes them", stacklevel=4)
         if todo:
-            _tune_all(todo, tune, target, folder, work, view, summary)
+            if cpu:
+                _without_gpu_intrinsics()
+            _tune_all(todo, tune, make_builder_runner(), folder, work, view, summary)
         memory = ms.database.MemoryDatabase()
         tuning_db.copy_records(view, memory)
     finally:
@@ -297,9 +308,8 @@ def _interrupts_stay_interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def _tune_all(todo, tune: Tune, target: str, folder: Path, work: Path, view, summary: TuneSummary) -> None:
-    _without_gpu_intrinsics()
-    builder, runner = _builder_runner(target, tune)
+def _tune_all(todo, tune: Tune, builder_and_runner, folder: Path, work: Path, view, summary: TuneSummary) -> None:
+    builder, runner = builder_and_runner
     progress = _Progress(len(todo), tune.progress)
     callbacks = _measure_callbacks(progress)
     remaining, flops = tune.trials, [_flops(t) for t in todo]

@@ -47,6 +47,7 @@ from benchmarks import accuracy_peers as peers  # noqa: E402
 BITS = {"W8A8": (8, 8, 0), "W4A8": (4, 8, 0), "W4A4": (4, 4, 0), "W4A4KV4": (4, 4, 4)}
 LLM_ROT = "heads=true,keys=true,online=*.down_proj"
 GPTQ = "gptq(act_order=true,damp=0.01,clip=true)"  # group: the fake-quant's (128, ragged last)
+GPTQ_SEQ = "gptq(act_order=true,damp=0.01,clip=true,sequential=true)"
 LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
     "rtn": ([], []),
     "smooth": (["smooth(alpha=0.5)"], []),
@@ -54,6 +55,7 @@ LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
     "rotate-klt": ([f"rotate(kind=klt-hadamard,{LLM_ROT})"], []),
     "gptq": ([], [GPTQ]),
     "rotate+gptq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [GPTQ]),
+    "rotate+gptq-seq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [GPTQ_SEQ]),
 }
 BERT_RECIPES = {
     "rtn": ([], []),
@@ -62,6 +64,7 @@ BERT_RECIPES = {
     "rotate-hadamard-va": (["rotate(residual=false,online=*,variance_aligned=true)"], []),
     "gptq": ([], [GPTQ]),
     "rotate+gptq": (["rotate(residual=false,online=*)"], [GPTQ]),
+    "rotate+gptq-seq": (["rotate(residual=false,online=*)"], [GPTQ_SEQ]),
 }
 
 
@@ -116,6 +119,18 @@ def perplexity(fn, windows) -> float:
     return math.exp(float(torch.stack(nll).sum()) / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
+def smollm2_tracer(model, wrapped, evalw, state: dict):
+    """traced(): SmolLM2's IR, traced once into state["ir"]; state["lm_head"] names the
+    vocabulary projection (kept float by the recipes)."""
+    def traced():
+        if "ir" not in state:
+            state["ir"] = qc.trace(wrapped, (evalw[:1],))
+            state["lm_head"] = next(x.name for x in state["ir"].graph.nodes if op_name(x) == "aten.linear"
+                                    and x.meta["val"].shape[-1] == model.config.vocab_size)
+        return state["ir"]
+    return traced
+
+
 def smollm2(args, cache: Cache) -> dict:
     model, tok = rd.load_smollm2()
     n = 4 if args.quick else 40
@@ -124,13 +139,7 @@ def smollm2(args, cache: Cache) -> dict:
     wrapped = rd.LogitsOnly(model)
     table = {"float": {b: cache.get(f"smollm2|float|{n}", lambda: {"ppl": perplexity(wrapped, evalw)}) for b in BITS}}
     state = {}
-
-    def traced():
-        if "ir" not in state:
-            state["ir"] = qc.trace(wrapped, (evalw[:1],))
-            state["lm_head"] = next(x.name for x in state["ir"].graph.nodes if op_name(x) == "aten.linear"
-                                    and x.meta["val"].shape[-1] == model.config.vocab_size)
-        return state["ir"]
+    traced = smollm2_tracer(model, wrapped, evalw, state)
 
     for name in args.recipes or LLM_RECIPES:
         if name not in LLM_RECIPES:

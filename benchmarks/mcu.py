@@ -5,15 +5,23 @@
     python benchmarks/mcu.py --target cortex-m7    the same on mps2-an500
     python benchmarks/mcu.py --effnet              adds EfficientNet-Lite0 (slow: minutes)
     python benchmarks/mcu.py --only-effnet --check 1 --no-plain --limits flash=16M --recipes w8a8,w4a8,w8a8:patches=2
+    python benchmarks/mcu.py --flash --effnet --effnet-size 160 --recipes w8a8,w4a8,w8a8:patches=2
+                                                   flash make-up and arena plan only (no board run)
 
 Flash and peak SRAM come from the linked bare firmware (arm-none-eabi-size, -fstack-usage) and
 the arena plan; "arena unplanned" is every buffer and the largest workspace side by side.
-Instructions are the kernels' (`__tvm_ffi_*` symbols) for one inference, counted by the QEMU
+Instructions are the kernels' (`__tvm_ffi_*` symbols and out-of-line `qc_dot_*` micro-kernel parts) for one inference, counted by the QEMU
 plugin; "plain" is the same scheduled program with `dsp=0` (no SMLAD micro-kernel). Accuracy
 is measured with `art.ir` (the bit-exact reference) over the test set, and the device's outputs
 are compared with it on `--check` samples ("exact" counts those equal bit for bit; the first
 sample's check is the counted run). `--limits flash=..,sram=..` adds part limits to every
 recipe's target; `--no-plain` skips the dsp=0 build (EfficientNet-Lite0: it doubles the time).
+`--flash` builds only the measured firmware (bare.elf, linked in unbounded regions, so a model
+over the board's 4 MiB is measured too) and splits its flash by symbol (`arm-none-eabi-nm`):
+weights (1-byte constants: int8 and packed 4/2-bit), metadata (biases, requantizer multipliers
+and shifts, group scales), kernels, executor (call table, argument table, DLTensors), runtime
+shim, libc + startup, and the rest (string literals, alignment); with patches it gives the
+arena plan before and after the split. The W4A8 / W8A8 flash ratio is printed per model.
 Datasets: scikit-learn digits; Fashion-MNIST from the Debian package dataset-fashion-mnist;
 EfficientNet-Lite0 (pip extra `models`) is scored as top-1 agreement with the float model on
 the photos of `benchmarks/realdata.sample_images`, at --effnet-size pixels (default 224).
@@ -84,7 +92,8 @@ def row(name, model, x_calib, x_test, y_test, metric, recipe, target, check, pla
     seconds = time.time() - t0
     m = art.report().memory
     print(f"{name} {recipe} {target}: built in {seconds:.0f} s, flash {m['flash_bytes']} B, "
-          f"peak SRAM {m['peak_sram_bytes']} B, arena {m['arena_bytes']} B", flush=True)
+          f"peak SRAM {m['peak_sram_bytes']} B, arena {m['arena_bytes']} B; flash by region "
+          f"{m.get('flash_regions', {})}", flush=True)
     t1 = time.time()
     counts, first = counted_run(art.library, x_test[:1], timeout)
     board_s = time.time() - t1
@@ -93,12 +102,12 @@ def row(name, model, x_calib, x_test, y_test, metric, recipe, target, check, pla
     if not exact:
         print(f"  board vs IR: largest difference {max(float((a - b).abs().max()) for a, b in zip(first, ref)):.3g}")
     exact += sum(torch.equal(art(x_test[i:i + 1]), art.ir(x_test[i:i + 1])) for i in range(1, check))
-    dsp = counts.matching("__tvm_ffi_*")
+    dsp = cortex_m.kernel_instructions(counts)
     print(f"{name} {recipe} {target}: board run {board_s:.0f} s, {counts.total} instructions "
           f"({dsp.insns} in kernels), exact vs art.ir: {exact}/{check}", flush=True)
     if plain:
         p = cortex_m.build_program(art.library.extracted, f"{target.split(':')[0]}:dsp=0")
-        base = counted_run(p, x_test[:1], timeout)[0].matching("__tvm_ffi_*")
+        base = cortex_m.kernel_instructions(counted_run(p, x_test[:1], timeout)[0])
     acc = accuracy(art.ir, x_test, y_test)
     return [name, recipe, target, f"{m['flash_bytes'] / 1024:.1f}", f"{m['peak_sram_bytes'] / 1024:.1f}",
             f"{m['arena_bytes'] / 1024:.1f}", f"{m['unplanned_bytes'] / 1024:.1f}", f"{dsp.insns / 1e6:.3f}",
@@ -106,6 +115,113 @@ def row(name, model, x_calib, x_test, y_test, metric, recipe, target, check, pla
             str(dsp.classes["smlad"]), f"{metric} {acc:.4f}, exact {exact}/{check}", f"{seconds:.0f}",
             f"{m['patches']['arena_bytes_unsplit'] / 1024:.1f} -> {m['arena_bytes'] / 1024:.1f}" if "patches" in m else "-",
             f"{board_s:.0f}"]
+
+
+def quantized_ir(model, x_calib, recipe: str, target: str):
+    """The integer IR `qc.compile` would build (same pipeline, calibration and target)."""
+    from qcompiler.ir import copy_ir
+
+    ir = copy_ir(qc.trace(model, (x_calib[:1],)))
+    ctx = qc.PassContext()
+    ctx.target, ctx.calib = target, [x_calib[i:i + 8] for i in range(0, min(len(x_calib), 64), 8)]
+    qc.PassManager.parse(qc.QuantSpec.parse(recipe).pipeline()).run(ir, ctx)
+    return ir
+
+
+def flash_parts(work: str, program) -> dict:
+    """bare.elf's flash (text + data) by kind of symbol; "other" is what no symbol covers."""
+    import re
+    import subprocess
+
+    m = cortex_m.measure(work)
+    nm = subprocess.run(["arm-none-eabi-nm", "-S", "--defined-only", "bare.elf"], cwd=work, capture_output=True,
+                        text=True, check=True).stdout
+    parts = dict.fromkeys(["weights", "metadata", "kernels", "executor", "shim", "libc+startup"], 0)
+    for line in nm.splitlines():
+        f = line.split()
+        if len(f) != 4 or f[2] in "bBdD":  # RAM (.bss; .data counted in text+data only via its image)
+            continue
+        size, name = int(f[1], 16), f[3]
+        if m_ := re.fullmatch(r"qc_c(\d+)", name):
+            parts["weights" if program.constants[int(m_.group(1))].itemsize == 1 else "metadata"] += size
+        elif name.startswith("__tvm_ffi_"):
+            parts["kernels"] += size
+        elif name in ("qc_model_run", "args", "calls") or re.fullmatch(r"(t|shape)\d+", name):
+            parts["executor"] += size
+        elif name.startswith(("qc_", "TVM")):
+            parts["shim"] += size
+        else:
+            parts["libc+startup"] += size
+    parts["flash"] = m["text"] + m["data"]
+    parts["other"] = parts["flash"] - sum(v for k, v in parts.items() if k != "flash")
+    return parts
+
+
+def flash_row(name, model, x_calib, recipe, target) -> tuple[list[str], int]:
+    """Flash make-up of bare.elf and the arena plan (before/after patches), without a board run."""
+    import tempfile
+
+    from qcompiler.backends.mcu_dsp import header
+    from qcompiler.backends.mcu_patches import split_patches
+    from qcompiler.backends.mcu_plan import plan
+    from qcompiler.backends.mcu_project import project_files
+    from qcompiler.backends.program import extract
+
+    recipe, _, options = recipe.partition(":")
+    target = f"{target},{options}" if options and ":" in target else f"{target}:{options}" if options else target
+    opts = cortex_m.options(target)
+    t0 = time.time()
+    ir = quantized_ir(model, x_calib, recipe, opts["base"])
+    x = (x_calib[:1],)
+    unsplit = note = ""
+    if opts["patches"]:
+        before = plan(cortex_m.kernels_source(extract(ir, x, opts["base"]), opts["base"], False, c=False)[0])
+        unsplit = f"{before.arena_bytes / 1024:.1f}"
+        ir, note = split_patches(ir, opts["patches"])
+        print(f"{name} {recipe} {target}: {note}", flush=True)
+    program, src, _ = cortex_m.kernels_source(extract(ir, x, opts["base"]), opts["base"], opts["dsp"])
+    arena = plan(program)
+    with tempfile.TemporaryDirectory(prefix="qc-mcu-flash-") as work:
+        cortex_m.write_files(project_files(program, arena, src, header(), opts["base"], cortex_m.headers_dirs()),
+                             work)
+        import subprocess
+
+        subprocess.run(["make", "-s", "bare.elf"], cwd=work, check=True)
+        parts = flash_parts(work, program)
+    fits = "yes" if parts["flash"] <= opts["flash"] else f"no (> {opts['flash'] >> 10} KiB)"
+    kib = [f"{parts[k] / 1024:.1f}" for k in ("flash", "weights", "metadata", "kernels", "executor", "shim",
+                                                "libc+startup", "other")]
+    return [name, recipe, target, *kib, fits, f"{arena.arena_bytes / 1024:.1f}",
+            f"{unsplit} -> {arena.arena_bytes / 1024:.1f}" if unsplit else "-",
+            f"{time.time() - t0:.0f}"], parts["flash"]
+
+
+def flash_table(models, args) -> None:
+    head = ["model", "recipe", "target", "flash KiB", "weights", "metadata", "kernels", "executor", "shim",
+            "libc+startup", "other", "fits board", "arena KiB", "patches: arena unsplit -> split", "s"]
+    rows, ratios = [head], []
+    for name, load in models:
+        model, x_calib, _, _, _ = load()
+        flash = {}
+        for recipe in args.recipes.split(","):
+            target = f"{args.target}:{args.limits}" if args.limits else args.target
+            r, flash[recipe] = flash_row(name, model.eval(), x_calib, recipe, target)
+            rows.append(r)
+            print("  ".join(r), flush=True)
+        if "w4a8" in flash and "w8a8" in flash:
+            ratios.append(f"{name}: W4A8 / W8A8 flash = {flash['w4a8']} / {flash['w8a8']} = "
+                          f"{flash['w4a8'] / flash['w8a8']:.3f}")
+    print_table(rows)
+    print("\n".join(ratios))
+
+
+def print_table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 def counted_run(binary, x, timeout: float):
@@ -131,6 +247,7 @@ def main(argv=None) -> None:
     p.add_argument("--limits", default="", help="part limits added to every target, e.g. flash=16M,sram=8M")
     p.add_argument("--no-plain", action="store_true", help="skip the plain C (dsp=0) build and its count")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds one board run may take")
+    p.add_argument("--flash", action="store_true", help="flash make-up and arena plan only (no board run)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     models = [("digits CNN", digits)]
@@ -140,6 +257,8 @@ def main(argv=None) -> None:
         models.append((f"EfficientNet-Lite0 {args.effnet_size}px", lambda: effnet(args.effnet_size)))
     if args.only_effnet:
         models = models[-1:]
+    if args.flash:
+        return flash_table(models, args)
     head = ["model", "recipe", "target", "flash KiB", "peak SRAM KiB", "arena KiB", "arena unplanned KiB",
             "kernel M insns (SMLAD)", "plain M insns", "ratio", "SMLAD", "accuracy (IR; device exact)", "compile s",
             "patches: arena KiB unsplit -> split", "board run s"]
@@ -151,12 +270,7 @@ def main(argv=None) -> None:
             rows.append(row(name, model.eval(), x_calib, x_test, y_test, metric, recipe, target, args.check,
                             not args.no_plain, args.timeout))
             print("  ".join(rows[-1]), flush=True)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    print()
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(rows)
 
 
 if __name__ == "__main__":

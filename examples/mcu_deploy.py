@@ -75,7 +75,7 @@ def main(out: str) -> None:
 
     # 5. executed instructions per kernel for one image (QEMU plugin); SMLAD = 2 MACs each
     counts = cortex_m.instruction_counts(art.library, (x_test[:1],))
-    kernels = counts.matching("__tvm_ffi_*")
+    kernels = cortex_m.kernel_instructions(counts)
     print(f"kernels: {kernels.insns} instructions, {kernels.classes['smlad']} SMLAD")
 
 

@@ -18,7 +18,9 @@
    (L a layout op: flatten, reshape, view, permute, transpose, (un)squeeze; or max-pooling,
    since quantization is monotonic)
    where M * 2^-sh ~= sa / so per channel (`qcompiler.ops.dyadic`).
-Ops that were not quantized stay float.
+Ops that were not quantized stay float. Linears behind a symmetric per-token run-time
+quantizer (`fake-quant(a_granularity=token)`, `token-bits`) become quantize -> linear_int ->
+dequantize with the run-time row scales (`convert_dynamic`).
 
 Bias fit (`fit_bias_scales`, run by `calibrate` once the input scales sx are known, and again
 here): a near-dead output channel (say a folded BatchNorm with gamma ~ 0) has a tiny max-abs
@@ -42,6 +44,8 @@ from qcompiler.errors import QuantSpecError
 from qcompiler.ir import add_constant, cleanup, get_attr_tensor, op_name
 from qcompiler.ops import dyadic
 from qcompiler.pass_manager import Pass, PassResult, register
+
+from .convert_dynamic import convert_token_linear, is_token_quantizer
 
 Q = torch.ops.qc
 _INT_ACC = {"qc.linear_int", "qc.conv2d_int", "qc.matmul_int"}
@@ -86,6 +90,9 @@ class Convert(Pass):
         if node.meta["qc"].get("weight_only"):
             return self._weight_only(gm, node)
         acts = [node.args[0], node.args[1]] if kind == "matmul" else [node.args[0]]
+        if kind == "linear" and is_token_quantizer(acts[0]):  # run-time per-token scales
+            meta = {k: v for k, v in node.meta["qc"].items() if k != "quantized"}
+            return convert_token_linear(gm, node, meta, _int_weight)
         if not all(_is_act_fq(a) for a in acts):
             return False
         with gm.graph.inserting_before(node):
@@ -252,7 +259,7 @@ def _requantize(gm, n):
         return None
     acc = dq.args[0]
     _, s_out, z_out, qmin, qmax, group = n.args
-    if group:
+    if group or s_out.op != "get_attr" or dq.args[1].op != "get_attr":  # run-time (per-token) scales: no dyadic form
         return None
     s_t, z_t = get_attr_tensor(gm, s_out), get_attr_tensor(gm, z_out)
     so, zo = float(s_t), int(z_t)
@@ -279,6 +286,8 @@ def _hoist(gm, n):
     """quantize(L(x)) -> L(quantize(x)) for L a layout op or max-pooling."""
     x = n.args[0]
     if op_name(x) not in _COMMUTING or n.args[5] or not isinstance(x.args[0], torch.fx.Node):
+        return None
+    if n.args[1].op != "get_attr":  # per-row run-time scales need the rows as they are
         return None
     with gm.graph.inserting_before(n):
         q = gm.graph.call_function(Q.quantize.default, (x.args[0], *n.args[1:]))

@@ -10,9 +10,10 @@ ordinary ATen ops in the graph, then applies `qc.fake_quant` with that scale:
 Per token reduces over the last dim (one scale per row). KV-cache quantization (KIVI, Liu
 et al. 2024) quantizes keys per channel (reducing over the tokens, dim -2 of [B, H, T, D],
 so each channel of the cache has its scale over the window) and values per token (over
-dim -1). Their `meta["qc"]` role is "act_dynamic": `calibrate` leaves them alone and
-`convert` keeps the ops they feed in float simulation (no integer kernel takes a run-time
-scale yet).
+dim -1). Their `meta["qc"]` role is "act_dynamic": `calibrate` leaves them alone; `convert`
+makes a linear behind a symmetric per-token quantizer an integer linear with the run-time
+row scales (`convert_dynamic`) and keeps the other ops they feed (asymmetric rows, the KV
+cache's matmuls) in float simulation.
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ A = torch.ops.aten
 
 
 def dynamic_quantizer(gm, x: torch.fx.Node, bits: int, dims: list[int], symmetric: bool,
-                      before: torch.fx.Node, what: str) -> torch.fx.Node:
-    """Insert s, z = f(x) and fake_quant(x, s, z) before `before`; returns the fake_quant node."""
+                      before: torch.fx.Node, what: str, levels: torch.fx.Node | None = None) -> torch.fx.Node:
+    """Insert s, z = f(x) and fake_quant(x, s, z) before `before`; returns the fake_quant node.
+    `levels` (symmetric only): a float tensor node of per-row qmax values (at most `bits`'
+    2^(b-1)-1) dividing max|x| instead of the fixed qmax: rows with fewer levels never reach
+    past their own grid, so the clamp at `bits` leaves them on it (`token_bits`)."""
     qmax = 2 ** (bits - 1) - 1
     qmin = -qmax if symmetric else -qmax - 1
     g = gm.graph
     with g.inserting_before(before):
         if symmetric:
             amax = g.call_function(A.amax.default, (g.call_function(A.abs.default, (x,)), dims, True))
-            s = g.call_function(A.clamp_min.default, (g.call_function(A.div.Tensor, (amax, float(qmax))), 1e-8))
+            den = float(qmax) if levels is None else levels
+            s = g.call_function(A.clamp_min.default, (g.call_function(A.div.Tensor, (amax, den)), 1e-8))
             z = g.call_function(A.mul.Tensor, (s, 0.0))
         else:
             lo = g.call_function(A.clamp_max.default, (g.call_function(A.amin.default, (x, dims, True)), 0.0))

@@ -16,7 +16,11 @@ Columns that never see a non-zero input are zeroed. Practices kept from the stud
 gradient-based PTQ ("Gradient-Based Post-Training Quantization: Challenging the Status
 Quo", Yvinec et al. 2023): damping relative to the mean diagonal, ordering by salience,
 and calibration statistics of float inputs gathered once (not layer-sequentially here:
-all Hessians come from one float pass over the calibration data).
+by default all Hessians come from one float pass over the calibration data). With
+`sequential`, layers are rounded one at a time in graph order, all calibration batches
+stepped together, and each Hessian is taken from the inputs the layer sees in the partly
+quantized model: earlier layers already rounded, activation quantizers applied (GPTQ's
+own sequential mode, which QuaRot uses for W4A4).
 
 `group=-1` keeps the quantizers' grouping; `group=0` (per channel) or `group=g` sets it
 (scales recomputed). With `clip`, each row's (or group's) scale is shrunk from max-abs to
@@ -35,7 +39,7 @@ from qcompiler.errors import QuantSpecError
 from qcompiler.ir import add_constant, cleanup, get_attr_tensor, op_name
 from qcompiler.pass_manager import Pass, PassResult, register
 
-from .stats import watch
+from .stats import run_lockstep, watch
 
 
 class Hessian:
@@ -124,6 +128,7 @@ class GPTQ(Pass):
     batches: int = 0
     clip: bool = False
     clip_min: float = 0.5
+    sequential: bool = False
 
     def __post_init__(self):
         if self.damp < 0 or self.block <= 0 or self.group < -1:
@@ -131,41 +136,67 @@ class GPTQ(Pass):
         if not 0 < self.clip_min <= 1:
             raise QuantSpecError(f"{self}: clip_min must be in (0, 1] (the smallest fraction of max-abs tried)")
 
+    def _sequential(self, gm, ctx, layers) -> dict:
+        """Layer by layer in graph order: each layer's Hessian comes from the inputs it sees
+        once the layers before it are rounded (and activation quantizers applied)."""
+        errors, by_input = {}, {}
+
+        def hook(lin):
+            def before(envs):
+                if lin.args[0] not in by_input:
+                    h = Hessian()
+                    for env in envs:
+                        h(env[lin.args[0]])
+                    by_input[lin.args[0]] = h.value()
+                q, *errors[lin.name] = self._round(gm, lin, by_input[lin.args[0]])
+                for env in envs:
+                    env[lin.args[1]] = q.float()
+            return before
+
+        run_lockstep(gm, ctx, {lin: hook(lin) for lin in layers}, str(self), self.batches)
+        return errors
+
+    def _round(self, gm, lin, h):
+        """Round `lin`'s weight with Hessian h; returns (Q, its proxy error, RTN's)."""
+        fq = lin.args[1]
+        w_node, s_node, z_node, qmin, qmax, group = fq.args
+        w = get_attr_tensor(gm, w_node).detach()
+        scale = get_attr_tensor(gm, s_node)
+        if self.group >= 0 and self.group != group:
+            from .fake_quant import weight_scale
+
+            group = self.group if self.group < w.shape[1] else 0
+            scale = weight_scale(w, fq.meta["qc"]["bits"], group)
+            fq.update_arg(1, add_constant(gm, f"{lin.name}_gptq_scale", scale, fq))
+            fq.update_arg(2, add_constant(gm, f"{lin.name}_gptq_zp", torch.zeros_like(scale), fq))
+            fq.update_arg(5, group)
+            fq.meta["qc"]["group_size"] = group
+            lin.meta["qc"].update(group_size=group, granularity="group" if group else "channel")
+        full = _scales_for_columns(scale, w.shape[1], group)
+        rtn = torch.clamp(torch.round(w.double() / full.double()), qmin, qmax) * full.double()
+        if self.clip:
+            scale = clipped_scale(w, torch.diagonal(h), scale, group, qmin, qmax, self.clip_min)
+            fq.update_arg(1, add_constant(gm, f"{lin.name}_clip_scale", scale, fq))
+            full = _scales_for_columns(scale, w.shape[1], group)
+        q = gptq_quantize(w, h, full, qmin, qmax, self.damp, self.act_order, self.block)
+        fq.update_arg(0, add_constant(gm, f"{lin.name}_gptq_weight", q.float(), fq))
+        return q, proxy_error(w, q, h), proxy_error(w, rtn, h)
+
     def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
         layers = [n for n in gm.graph.nodes if op_name(n) == "aten.linear" and n.meta.get("qc", {}).get("quantized")
                   and op_name(n.args[1]) == "qc.fake_quant" and n.args[1].args[0].op == "get_attr"]
         if not layers:
             raise QuantSpecError("gptq found no quantized linear layer: run fake-quant before gptq")
-        hess = {}
-        for lin in layers:
-            hess.setdefault(lin.args[0], Hessian())
-        watch(gm, ctx, dict(hess), str(self), self.batches)
-        errors = {}
-        for lin in layers:
-            fq = lin.args[1]
-            w_node, s_node, z_node, qmin, qmax, group = fq.args
-            w = get_attr_tensor(gm, w_node).detach()
-            scale = get_attr_tensor(gm, s_node)
-            if self.group >= 0 and self.group != group:
-                from .fake_quant import weight_scale
-
-                group = self.group if self.group < w.shape[1] else 0
-                scale = weight_scale(w, fq.meta["qc"]["bits"], group)
-                fq.update_arg(1, add_constant(gm, f"{lin.name}_gptq_scale", scale, fq))
-                fq.update_arg(2, add_constant(gm, f"{lin.name}_gptq_zp", torch.zeros_like(scale), fq))
-                fq.update_arg(5, group)
-                fq.meta["qc"]["group_size"] = group
-                lin.meta["qc"].update(group_size=group, granularity="group" if group else "channel")
-            h = hess[lin.args[0]].value()
-            full = _scales_for_columns(scale, w.shape[1], group)
-            rtn = torch.clamp(torch.round(w.double() / full.double()), qmin, qmax) * full.double()
-            if self.clip:
-                scale = clipped_scale(w, torch.diagonal(h), scale, group, qmin, qmax, self.clip_min)
-                fq.update_arg(1, add_constant(gm, f"{lin.name}_clip_scale", scale, fq))
-                full = _scales_for_columns(scale, w.shape[1], group)
-            q = gptq_quantize(w, h, full, qmin, qmax, self.damp, self.act_order, self.block)
-            errors[lin.name] = (proxy_error(w, q, h), proxy_error(w, rtn, h))
-            fq.update_arg(0, add_constant(gm, f"{lin.name}_gptq_weight", q.float(), fq))
+        if self.sequential:
+            errors = self._sequential(gm, ctx, layers)
+        else:
+            hess = {}
+            for lin in layers:
+                hess.setdefault(lin.args[0], Hessian())
+            watch(gm, ctx, dict(hess), str(self), self.batches)
+            errors = {}
+            for lin in layers:
+                errors[lin.name] = self._round(gm, lin, hess[lin.args[0]].value())[1:]
         cleanup(gm)
         ratio = sum(e[0] for e in errors.values()) / max(sum(e[1] for e in errors.values()), 1e-30)
         return PassResult(True, f"{len(layers)} layers, output error {ratio:.3f} x round-to-nearest's",

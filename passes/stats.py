@@ -65,6 +65,43 @@ def watch(gm: torch.fx.GraphModule, ctx, fns: dict[torch.fx.Node, Callable], wha
     return count
 
 
+class _Stepping(torch.fx.Interpreter):
+    """One calibration batch's interpreter, run a node at a time by `run_lockstep`;
+    activation quantizers apply once observed (dynamic ones always)."""
+
+    def run_node(self, n):
+        qc_meta = n.meta.get("qc", {}) if op_name(n) == "qc.fake_quant" else {}
+        if qc_meta.get("role") == "act" and not qc_meta.get("observed"):
+            return self.env[n.args[0]]
+        return super().run_node(n)
+
+
+def run_lockstep(gm: torch.fx.GraphModule, ctx, before: dict[torch.fx.Node, Callable], what: str,
+                 batches: int = 0) -> int:
+    """Run all calibration batches through the graph together, node by node; before a node
+    in `before` runs, before[node](envs) sees every batch's values so far (one dict per
+    batch) and may replace them, so later nodes see what earlier hooks changed (sequential
+    layer-by-layer processing). Values are dropped after their last use. Returns the
+    number of batches."""
+    steppers = []
+    for args in _calib_args(gm, ctx, what, batches):
+        st = _Stepping(gm)
+        st.args_iter = iter(args)
+        steppers.append(st)
+    nodes = list(gm.graph.nodes)
+    last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    with torch.no_grad():
+        for i, n in enumerate(nodes):
+            if n in before:
+                before[n]([st.env for st in steppers])
+            for st in steppers:
+                st.env[n] = st.run_node(n)
+                for a in n.all_input_nodes:
+                    if last_use[a] == i:
+                        del st.env[a]
+    return len(steppers)
+
+
 def reference_args(gm, ctx) -> tuple:
     """The first calibration batch if there is one, else the example inputs."""
     if ctx is not None and ctx.calib is not None:

@@ -23,7 +23,7 @@ from .report import Report, build_report
 from .spec import QuantSpec
 
 # passes whose result depends on calibration data (the others read only weights)
-_PASSES_READING_DATA = ("calibrate", "smooth", "rotate", "gptq", "tanq", "mosf", "qat")
+_PASSES_READING_DATA = ("calibrate", "smooth", "rotate", "gptq", "tanq", "mosf", "qat", "hawq")
 
 
 class Artifact:

@@ -73,3 +73,8 @@ class TuningError(QCompilerError):
 class MemoryLimitError(LoweringError):
     """A model whose flash or SRAM exceeds the target's limits (the board's, or given as target
     options): says what it needs vs what is available, the largest layers, and what would help."""
+
+
+class BudgetError(QuantSpecError):
+    """A mixed-precision budget (hawq's size, BOPs or latency) that no assignment of the candidate
+    widths meets: says the smallest achievable budget."""

@@ -33,7 +33,8 @@ per channel along `axis`. `m * 2^-sh` approximates the real rescale s_x * s_w / 
 
 `linear_int_grouped` serves weights with one scale per group (e.g. W4A8 with group 128): it
 forms the exact int32 partial sum of every group, then combines them in float32:
-y[..., n] = sum_g acc[..., n, g] * (s_x * s_w[n, g]) + b[n].
+y[..., n] = sum_g acc[..., n, g] * (s_x * s_w[n, g]) + b[n], the sum taken in group order,
+one float32 multiply and one float32 add per group (what the kernels compute).
 
 `linear_weight_only` keeps activations float (weight-only recipes such as "w4g128", for
 memory-bound decoding): y = x @ (w * s_w).T + b in float32, with `s_w` [N, 1] per channel
@@ -196,7 +197,10 @@ def linear_int_grouped(
     xs = xs.reshape(*x.shape[:-1], groups, group_size)
     ws = ws.reshape(weight.shape[0], groups, group_size)
     acc = _exact_int32(torch.einsum("...gk,ngk->...ng", xs, ws))  # exact per-group sums
-    y = (acc.to(torch.float32) * (weight_scale * x_scale)).sum(-1)
+    terms = acc.to(torch.float32) * (weight_scale * x_scale)
+    y = terms[..., 0]
+    for g in range(1, groups):  # one float32 sum in group order, as the kernels add them
+        y = y + terms[..., g]
     if bias is not None:
         y = y + bias
     return y

@@ -42,6 +42,8 @@ class Report:
     output_sqnr_db: list[float] = field(default_factory=list)
     timings: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # microcontroller targets: flash / SRAM measured at build
+    mixed_precision: dict = field(default_factory=dict)  # hawq's choice: budget, bits per layer, size, frontier
+    token_bits: dict = field(default_factory=dict)  # `token-bits`: widths, keep, measured average width
 
     @property
     def flash_bytes(self) -> int | None:
@@ -73,11 +75,23 @@ class Report:
         lines.append(f"model output SQNR vs float: {outs} dB")
         floats = ", ".join(f"{k} x{v}" for k, v in sorted(self.float_ops.items())) or "none"
         lines.append(f"not quantized (float) ops: {floats}")
+        if self.mixed_precision:
+            h = self.mixed_precision
+            b = h["budget"]
+            lines.append(f"hawq: {b['kind']} {h['cost']:.6g} of {b['value']:g} {b['unit']} (smallest {b['smallest']:.6g}); "
+                         f"weights {h['size_kb']:.2f} KiB; bits " + ", ".join(f"{k}={v}" for k, v in h["bits"].items())
+                         + f"; Pareto frontier of {len(h['frontier'])} points")
+        if self.token_bits:
+            t = self.token_bits
+            lines.append(f"per-token activation bits: {t['high']} for the {t['keep']:g} most attended tokens, "
+                         f"{t['low']} for the rest; average {t['avg_bits']:.3f} bits on the calibration data")
         if self.memory:
             m = self.memory
             lines.append(f"flash {m['flash_bytes']} B of {m['flash_limit']}; peak SRAM {m['peak_sram_bytes']} B of "
                          f"{m['sram_limit']} (arena {m['arena_bytes']} B, unplanned {m['unplanned_bytes']} B, "
                          f"stack {m['stack_bytes']} B)")
+            if sum(list(m.get("flash_regions", {}).values())[1:]):  # weights placed past the primary flash
+                lines.append("flash by region: " + ", ".join(f"{k} {v} B" for k, v in m["flash_regions"].items()))
             if "patches" in m:
                 p = m["patches"]
                 lines.append(f"patch-based: {p['split']}; arena {p['arena_bytes_unsplit']} B unsplit -> {p['arena_bytes']} B")
@@ -136,10 +150,14 @@ def build_report(float_ir, ir, batch: tuple, target: str, pipeline: str, timings
         sqnr = sqnr_db(f, _layer_value(n, test.seen[n.name])) if f is not None else float("nan")
         layers.append({
             "name": qc["source"], "op": info.get("kind", "?"), "w_bits": info.get("w_bits", "-"),
-            "a_bits": info.get("a_bits", "-"), "granularity": info.get("granularity", "tensor"),
+            "a_bits": f"{info['a_bits']}/{info['a_bits_low']}" if "a_bits_low" in info else info.get("a_bits", "-"),
+            "granularity": info.get("granularity", "tensor"),
             "group_size": info.get("group_size", 0), "sqnr_db": sqnr,
         })
     flat = lambda o: [o] if isinstance(o, torch.Tensor) else [t for x in o for t in flat(x)]  # noqa: E731
     outs = [sqnr_db(a, b) for a, b in zip(flat(f_out), flat(q_out))]
     float_ops = Counter(op_name(n) for n in ir.graph.nodes if _is_float_compute(n))
-    return Report(target, pipeline, layers, dict(float_ops), outs, [list(t) for t in timings], dict(memory or {}))
+    hawq = ir.meta.get("qc", {}).get("hawq")
+    mixed = {k: hawq[k] for k in ("budget", "bits", "cost", "size_kb", "frontier")} if hawq else {}
+    return Report(target, pipeline, layers, dict(float_ops), outs, [list(t) for t in timings], dict(memory or {}), mixed,
+                  dict(ir.meta.get("qc", {}).get("token_bits", {})))

@@ -69,3 +69,33 @@ def test_clip_search_lowers_the_error_on_heavy_tailed_weights():
         qc.PassManager.parse(f"fake-quant(w=4,a=8,ops=linear,granularity=group,group=16),gptq(clip={clip})").run(ir, ctx)
         ratios[clip] = ctx.results[-1][1].details["ratio"]
     assert ratios["true"] < ratios["false"] < 1.0
+
+
+def test_sequential_takes_each_hessian_from_the_partly_quantized_model():
+    """gptq(sequential=true): each layer's reported proxy error is the one under the inputs it
+    sees in the final model (earlier layers rounded, activation quantizers on), and the
+    last layers' Hessians differ from the float pass's."""
+    from qcompiler.passes.gptq import Hessian
+
+    m, ir0 = traced("rms")
+    ir, ctx, calib = copy_ir(ir0), None, calib_ids(8)
+    ctx = qc.PassContext(calib=calib)
+    qc.PassManager.parse("fake-quant(w=4,a=8,ops=linear),calibrate,gptq(sequential=true)").run(ir, ctx)
+    errors = ctx.results[-1][1].details["errors"]
+    layers = {n.name: n for n in ir.graph.nodes if op_name(n) == "aten.linear" and n.name in errors}
+    original = {n.name: get_attr_tensor(ir0, n.args[1]).detach() for n in ir0.graph.nodes if n.name in layers}
+    assert len(layers) >= 4 and set(original) == set(layers)
+    seen = {name: Hessian() for name in layers}
+
+    class Inputs(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.name in seen:
+                seen[n.name](self.env[n.args[0]])
+            return super().run_node(n)
+
+    with torch.no_grad():
+        for batch in calib:
+            Inputs(ir).run(batch)
+    for name, lin in layers.items():
+        q = get_attr_tensor(ir, lin.args[1].args[0])
+        assert proxy_error(original[name], q, seen[name].value()) == pytest.approx(errors[name][0], rel=1e-6)
