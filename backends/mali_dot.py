@@ -77,32 +77,23 @@ def intrinsic(c: int) -> str:
     if c in _INTRINSICS:
         return _INTRINSICS[c]
 
-    if c == 0:
-        @TIR.prim_func(s_tir=True)
-        def desc(a: T.handle, b: T.handle, acc: T.handle) -> None:
-            A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-            B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-            C = T.match_buffer(acc, (1,), "int32", offset_factor=1, scope="local")
-            with T.sblock("root"):
-                T.reads(C[0:1], A[0:4], B[0:4])
-                T.writes(C[0:1])
-                for k in range(4):
-                    with T.sblock("update"):
-                        vk = T.axis.remap("R", [k])
-                        C[0] = C[0] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk])
-    else:
-        @TIR.prim_func(s_tir=True)
-        def desc(a: T.handle, b: T.handle, acc: T.handle) -> None:
-            A = T.match_buffer(a, (4,), "int8", offset_factor=1)
-            B = T.match_buffer(b, (4,), "int8", offset_factor=1)
-            C = T.match_buffer(acc, (1,), "int32", offset_factor=1, scope="local")
-            with T.sblock("root"):
-                T.reads(C[0:1], A[0:4], B[0:4])
-                T.writes(C[0:1])
-                for k in range(4):
-                    with T.sblock("update"):
-                        vk = T.axis.remap("R", [k])
+    has_zero_point = c != 0  # a Python bool: the parser keeps one branch, the form the block has
+
+    @TIR.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, acc: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+        C = T.match_buffer(acc, (1,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:1], A[0:4], B[0:4])
+            T.writes(C[0:1])
+            for k in range(4):
+                with T.sblock("update"):
+                    vk = T.axis.remap("R", [k])
+                    if has_zero_point:
                         C[0] = C[0] + (T.Cast("int32", A[vk]) + c) * T.Cast("int32", B[vk])
+                    else:
+                        C[0] = C[0] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk])
 
     @TIR.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, acc: T.handle) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -27,18 +26,7 @@ import torch  # noqa: E402
 
 import qcompiler as qc  # noqa: E402
 
-WARMUP, RUNS = 20, 200
-
-
-def median_ms(fn, *args) -> float:
-    for _ in range(WARMUP):
-        fn(*args)
-    times = []
-    for _ in range(RUNS):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from host import median_ms  # noqa: E402  (benchmarks/host.py: one timing helper)
 
 
 def tuned_linear(n: int = 768, k: int = 768, tokens: int = 16, trials: int = 32, database=None):
