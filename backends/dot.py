@@ -13,12 +13,22 @@ of L consecutive outputs. With a = x + c the sum is rewritten exactly as
     kernel       target feature    a = act(x)            c      instruction(s)
     vnni         avx512vnni         x + 128 as uint8      128    vpdpbusd (u8 x s8, 4 per lane)
     avx2_u8s8    avx2, weights ok   x + 128 as uint8      128    vpmaddubsw + vpmaddwd(1)
+    avx2_sign    avx2               |x| as uint8, mask    0      vpxor + vpmaddubsw + vpmaddwd(1)
     avx2_s16s8   avx2               x - zx as int16       -zx    vpmovsxbw + vpmaddwd
     sdot         dotprod (aarch64)  x as int8             0      sdot (s8 x s8, 4 per lane)
 
 vpmaddubsw adds two u8 x s8 products in int16 with saturation: `avx2_u8s8` is chosen only when
-the weight values prove it cannot saturate (`intrin_x86.u8s8_pairs_exact`); full-range 8-bit
-weights take the exact int16 kernel. qc.matmul_int (activation x activation, both with zero
+the weight values prove it cannot saturate (`intrin_x86.u8s8_pairs_exact`). `avx2_sign` feeds
+it |x| and the weight with its bits flipped where x < 0 (the sign trick,
+`intrin_x86.QC_AVX2_SIGN`), exact for every int8 weight: its operands are two stages computed
+once per activation, u = |x| (uint8) and m = -1 where x < 0 (int8), and since
+|x| * (w ^ m) = x * w + min(x, 0), every output of a row also carries
+neg[r] = sum_k min(x[r, k], 0), computed from x and subtracted with comp:
+
+    acc[m, n] = sum_k |x| * (w[n, k] ^ m)  -  neg[m]  -  zx * sum_k w[n, k]
+
+It is 4 ops per 32 products against avx2_u8s8's 3 and avx2_s16s8's ~5 (s16s8 stays for
+reference and tests). qc.matmul_int (activation x activation, both with zero
 points) uses `avx2_s16` on x86: both operands as int16 with their zero points removed, the
 second one packed at run time by a stage of the same kernel. Targets without these features
 keep the plain TE kernel (`lowering._dot_te`), which LLVM vectorizes.
@@ -51,7 +61,7 @@ class DotKernel:
     intrin: str  # the registered TensorIntrin
     lanes: int  # L: outputs per intrinsic call
     kstep: int  # S: products per output per call
-    act: str  # "u8": x + 128 as uint8, "s16": x - zero point as int16, "s8": x as is
+    act: str  # "u8": x + 128 as uint8, "s16": x - zero point as int16, "s8": x as is, "sign": |x| and a mask
     w_dtype: str  # dtype of the packed second operand
     features: tuple[str, ...]  # LLVM CPU features the target needs
     mr: int  # default register tile: rows
@@ -59,16 +69,17 @@ class DotKernel:
 
     @property
     def act_dtype(self) -> str:
-        return {"u8": "uint8", "s16": "int16", "s8": "int8"}[self.act]
+        return {"u8": "uint8", "s16": "int16", "s8": "int8", "sign": "uint8"}[self.act]
 
     def offset(self, zero_point: int) -> int:
         """c + zx in the compensation term: what act() adds to x - zx."""
-        return {"u8": 128 + zero_point, "s16": 0, "s8": zero_point}[self.act]
+        return {"u8": 128 + zero_point, "s16": 0, "s8": zero_point, "sign": zero_point}[self.act]
 
 
 KERNELS = {k.name: k for k in (
     DotKernel("vnni", intrin_x86.QC_VNNI, 16, 4, "u8", "int8", ("avx512vnni",), 4, 2),
     DotKernel("avx2_u8s8", intrin_x86.QC_AVX2_U8S8, 8, 4, "u8", "int8", ("avx2",), 4, 2),
+    DotKernel("avx2_sign", intrin_x86.QC_AVX2_SIGN, 8, 4, "sign", "int8", ("avx2",), 1, 8),
     DotKernel("avx2_s16s8", intrin_x86.QC_AVX2_S16S8, 8, 2, "s16", "int8", ("avx2",), 4, 2),
     DotKernel("avx2_s16", intrin_x86.QC_AVX2_S16, 8, 2, "s16", "int16", ("avx2",), 4, 2),
     DotKernel("sdot", intrin_arm.QC_SDOT, 4, 4, "s8", "int8", ("neon", "dotprod"), 4, 4),
@@ -90,7 +101,7 @@ def choose_linear(target, w: np.ndarray | None) -> DotKernel | None:
     (a tvm Target), or None for the plain TE kernel."""
     if not _llvm(target) or w is None or w.ndim != 2 or w.shape[1] >= MAX_K:
         return None
-    for name in ("vnni", "avx2_u8s8", "avx2_s16s8", "sdot"):
+    for name in ("vnni", "avx2_u8s8", "avx2_sign", "sdot"):
         kern = KERNELS[name]
         if not _has(target, kern.features):
             continue
@@ -110,11 +121,13 @@ def choose_matmul(target, k: int | None) -> DotKernel | None:
 
 def tiles(kern: DotKernel, m, n: int) -> tuple[int, int]:
     """Register tile (MR rows, NR blocks of L outputs) for m rows (int, or symbolic) and n
-    outputs: the kernel's default, shrunk to the problem; one row gets twice the blocks."""
+    outputs: the kernel's default, shrunk to the problem; one row gets twice the blocks (unless
+    the default is one row already: avx2_sign's 1 x 8, which loads each |x| and sign mask once
+    per 8 blocks, its operands' only broadcasts)."""
     mr, nr = kern.mr, kern.nr
     if isinstance(m, int):
+        nr = nr * 2 if m == 1 and mr > 1 else nr
         mr = max(1, min(mr, m))
-        nr = nr * 2 if m == 1 else nr
     return mr, max(1, min(nr, -(-n // kern.lanes)))
 
 
@@ -145,6 +158,8 @@ def compensation(w: np.ndarray, zx: int, kern: DotKernel) -> np.ndarray | None:
 def _act(kern: DotKernel, v, zero_point: int):
     if kern.act == "u8":
         return (v.astype("int32") + 128).astype("uint8")
+    if kern.act == "sign":
+        return tirx.abs(v.astype("int32")).astype("uint8")
     if kern.act == "s16":
         v = v.astype("int16")
         return v - tirx.const(zero_point, "int16") if zero_point else v
@@ -163,24 +178,33 @@ def _attrs(kern: DotKernel, mr: int, nr: int, batch: int) -> dict:
     return {ANNOTATION: kern.name, "qc.mr": mr, "qc.nr": nr, "qc.batch": batch}
 
 
-def _operand(t: te.Tensor, kern: DotKernel, z: int, mr: int, name: str) -> te.Tensor:
+def _sign_mask(v):
+    """-1 where v < 0, else 0 (int8): the sign kernel's second operand."""
+    return tirx.if_then_else(v < tirx.const(0, v.dtype), tirx.const(-1, "int8"), tirx.const(0, "int8"))
+
+
+def _operand(t: te.Tensor, kern: DotKernel, z: int, mr: int, name: str, act=None, dtype=None) -> te.Tensor:
     """a[..., r, k] = act(t[..., r, k]) for t [..., M, K], rows padded to a multiple of mr and
-    k to a multiple of S with zeros (reads are clamped in bounds)."""
+    k to a multiple of S with zeros (reads are clamped in bounds). `act` (of `dtype`) replaces
+    the kernel's own activation operand."""
     *outer, m, k = _dims(t.shape)
-    zero = tirx.const(0, kern.act_dtype)
+    zero = tirx.const(0, dtype or kern.act_dtype)
     pad_m, pad_k = not (isinstance(m, int) and m % mr == 0), k % kern.kstep != 0
+    act = act or (lambda v: _act(kern, v, z))
 
     def body(*i):
         r, kk = i[-2], i[-1]
-        v = _act(kern, t[(*i[:-2], tirx.min(r, m - 1) if pad_m else r, tirx.min(kk, k - 1) if pad_k else kk)], z)
+        v = act(t[(*i[:-2], tirx.min(r, m - 1) if pad_m else r, tirx.min(kk, k - 1) if pad_k else kk)])
         inside = [c for c, padded in ((r < m, pad_m), (kk < k, pad_k)) if padded]
         return tirx.if_then_else(tirx.all(*inside), v, zero) if inside else v
 
     return te.compute((*outer, _pad_to(m, mr), _pad_to(k, kern.kstep)), body, name=name)
 
 
-def _dot_stage(a: te.Tensor, bp: te.Tensor, kern: DotKernel, mr: int, nr: int, b_batched: bool) -> te.Tensor:
-    """acc[..., r, j, l] = sum_{o, s} a[..., r, o*S + s] * bp[(...,) j, o, l, s] in int32."""
+def _dot_stage(a: te.Tensor, bp: te.Tensor, kern: DotKernel, mr: int, nr: int, b_batched: bool,
+               mask: te.Tensor | None = None) -> te.Tensor:
+    """acc[..., r, j, l] = sum_{o, s} a[..., r, o*S + s] * bp[(...,) j, o, l, s] in int32; with
+    `mask` the weight is bp ^ mask[..., r, o*S + s] (the sign kernel)."""
     *outer, mp, _ = _dims(a.shape)
     no, ko = _dims(bp.shape)[-4:-2]
     ro, rs = te.reduce_axis((0, ko), "ko"), te.reduce_axis((0, kern.kstep), "ki")
@@ -189,16 +213,19 @@ def _dot_stage(a: te.Tensor, bp: te.Tensor, kern: DotKernel, mr: int, nr: int, b
     def body(*i):
         bi, r, j, l = i[:nb], i[nb], i[nb + 1], i[nb + 2]
         w = bp[(*bi, j, ro, l, rs)] if b_batched else bp[j, ro, l, rs]
+        if mask is not None:
+            w = tirx.bitwise_xor(w, mask[(*bi, r, ro * kern.kstep + rs)])
         return te.sum(a[(*bi, r, ro * kern.kstep + rs)].astype("int32") * w.astype("int32"), axis=[ro, rs])
 
     return te.compute((*outer, mp, no, kern.lanes), body, name="qc_dot", attrs=_attrs(kern, mr, nr, nb))
 
 
-def _unpacked(acc: te.Tensor, n: int, m, L: int, comp=None) -> te.Tensor:
-    """out[..., r, c] = acc[..., r, c // L, c % L] (+ comp[c]) for r < m, c < n."""
+def _unpacked(acc: te.Tensor, n: int, m, L: int, comp=None, row=None) -> te.Tensor:
+    """out[..., r, c] = acc[..., r, c // L, c % L] (+ comp[c]) (- row[..., r]) for r < m, c < n."""
     def body(*i):
         v = acc[(*i[:-1], tirx.floordiv(i[-1], L), tirx.floormod(i[-1], L))]
-        return v + comp[i[-1]] if comp is not None else v
+        v = v + comp[i[-1]] if comp is not None else v
+        return v - row[i[:-1]] if row is not None else v
 
     return te.compute((*_dims(acc.shape)[:-3], m, n), body, name="qc_dot_out")
 
@@ -209,8 +236,13 @@ def linear_te(x: te.Tensor, wp: te.Tensor, comp: te.Tensor | None, n: int, zx: i
     are loops around the kernel. `kernel` names a `KERNELS` entry."""
     kern = KERNELS[kernel]
     a = _operand(x, kern, zx, mr, "qc_dot_act")
-    acc = _dot_stage(a, wp, kern, mr, nr, b_batched=False)
-    return _unpacked(acc, n, _dims(x.shape)[-2], kern.lanes, comp)
+    if kern.act != "sign":
+        return _unpacked(_dot_stage(a, wp, kern, mr, nr, b_batched=False), n, _dims(x.shape)[-2], kern.lanes, comp)
+    mask = _operand(x, kern, zx, mr, "qc_dot_mask", _sign_mask, "int8")
+    acc = _dot_stage(a, wp, kern, mr, nr, b_batched=False, mask=mask)
+    k = te.reduce_axis((0, _dims(x.shape)[-1]), "k")
+    neg = te.compute(x.shape[:-1], lambda *i: te.sum(tirx.min(x[(*i, k)].astype("int32"), 0), axis=k), name="qc_dot_neg")
+    return _unpacked(acc, n, _dims(x.shape)[-2], kern.lanes, comp, neg)
 
 
 def matmul_te(a: te.Tensor, b: te.Tensor, za: int, zb: int, kernel: str, mr: int, nr: int):

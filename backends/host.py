@@ -47,14 +47,17 @@ class HostRunner:
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 64-byte aligned, as TVM requires (torch's own allocations are)."""
-    x = x.detach().cpu().contiguous()
+    """Contiguous and 64-byte aligned on the CPU, as TVM requires (torch's own allocations are)."""
+    if x.requires_grad:
+        x = x.detach()
+    if x.device.type != "cpu" or not x.is_contiguous():
+        x = x.cpu().contiguous()
     return x if x.data_ptr() % 64 == 0 else x.clone()
 
 
 def _to_torch(out):
     if isinstance(out, tvm.runtime.Tensor):
-        return torch.from_dlpack(out)
+        return torch.from_dlpack(out.__dlpack__())  # the capsule: torch skips its protocol checks
     return tuple(_to_torch(o) for o in out)
 
 

@@ -1,6 +1,6 @@
 """TE kernels that read weights in their stored form (`backends.packing`) and unpack them in the
-inner loop: integer linear (per channel and per group), conv2d (grouped and depthwise
-included), and the weight-only linear with float activations.
+inner loop: integer linear (per channel and per group) and conv2d (grouped and depthwise
+included). The weight-only linear with float activations is `kernels_weight_only`.
 
 With w(n, k) the weight unpacked from its storage p (`weight_value`):
 
@@ -9,11 +9,10 @@ With w(n, k) the weight unpacked from its storage p (`weight_value`):
                         y[..., n] = sum_g float(acc[..., n, g]) * (s_w[n, g] * s_x) + b[n]
     conv2d_int          acc[b, o, y, x] = sum_{c,i,j} (xp[b, (o // O_g) C_g + c, y sh + i dh,
                         x sw + j dw] - zx) * w(o, (c KH + i) KW + j)   (xp: x padded with zx)
-    weight_only_linear  y[..., n] = sum_k x[..., k] * (float(w(n, k)) * s_w[n, k // G])
 
 Every integer product and sum is exact in int32 ((x - zx) * w terms below 2^15 in magnitude, fewer than 2^16 of them),
-so the integer kernels equal the `qc` reference ops bit for bit; the float ones differ from
-torch only in the order of their float sums. A ragged last group reads
+so the integer kernels equal the `qc` reference ops bit for bit; the float one (grouped_linear's
+combine) differs from torch only in the order of its float sums. A ragged last group reads
 x at a clamped index against zero-padded weights, so its padding adds nothing.
 Bias, requantization and clamps are Relax ops after these kernels; the kernels are
 output-elementwise-fusable, so TVM's FuseOps/FuseTIR put those ops into the kernel's PrimFunc
@@ -21,9 +20,8 @@ as its epilogue (computed once per output element).
 
 Schedules, applied by the converters before fusion: `split_blocks` splits the reduction of
 the integer linear kernels along the packed blocks (the innermost loop then reads contiguous
-bytes and LLVM vectorizes the integer sum; the block body, hence fusion, is unchanged);
-`schedule_weight_only` also rfactors the float sum across the 16 bytes of a block and
-vectorizes it. conv2d_int is left to the default lowering.
+bytes and LLVM vectorizes the integer sum; the block body, hence fusion, is unchanged).
+conv2d_int is left to the default lowering.
 """
 
 from __future__ import annotations
@@ -106,39 +104,6 @@ def conv2d_int(x: te.Tensor, p: te.Tensor, zx: int, bits: int, span: int, wshape
         return te.sum(xv * weight_value(p, oc, (rc * kh + ry) * kw + rx, bits, span), axis=[rc, ry, rx])
 
     return te.compute((n, o, oh, ow), body, name="conv2d_int")
-
-
-def weight_only_linear(x: te.Tensor, p: te.Tensor, ws: te.Tensor, bias, bits: int, group: int,
-                       span: int) -> te.Tensor:
-    """Float activations times weights dequantized in the inner loop: x @ (w * s).T + b."""
-    k = te.reduce_axis((0, x.shape[-1]), "k")
-
-    def body(*i):
-        n = i[-1]
-        s = ws[n, k // group] if group else ws[n, 0]
-        return te.sum(x[(*i[:-1], k)] * (weight_value(p, n, k, bits, span).astype("float32") * s), axis=k)
-
-    y = te.compute((*x.shape[:-1], p.shape[0]), body, name="weight_only_dot")
-    if bias is None:
-        return y
-    return te.compute(y.shape, lambda *i: y[i] + bias[i[-1]], name="weight_only_bias")
-
-
-def schedule_weight_only(func: tvm.tirx.PrimFunc, k: int, bits: int, span: int) -> tvm.tirx.PrimFunc:
-    """Vectorize the weight-only dot across the `span` bytes of a block: k = (kb, lane, j),
-    rfactor over j (16 partial sums a row, so float adds need no reassociation), j innermost
-    and vectorized: one 16-byte load, one shift and mask per lane, contiguous x. Rows whose K
-    is not a whole number of blocks keep the plain loop nest."""
-    per, span = _blocks(bits, span)
-    if span < 8 or k % (span * per):
-        return func
-    sch = tvm.s_tir.Schedule(func)
-    dot = sch.get_sblock("weight_only_dot")
-    *_, kloop = sch.get_loops(dot)
-    _, _, j = sch.split(kloop, [None, per, span])
-    rf = sch.rfactor(j, len(sch.get_loops(dot)) - 3)
-    sch.vectorize(sch.get_loops(rf)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def split_blocks(func: tvm.tirx.PrimFunc, block: str, k: int, bits: int, span: int) -> tvm.tirx.PrimFunc:

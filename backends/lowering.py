@@ -5,8 +5,8 @@ Each converter emits Relax ops that compute exactly what the op's torch referenc
 int8 operands widened to int32, zero points subtracted, int32 matmul/conv accumulation,
 and the dyadic requantizer in int64 ((acc * m + 2^(sh-1)) >> sh, clamp, narrow to int8).
 Layer weights are stored as the layer's width says (`weights`, `packing`: 4 and 2 bits
-packed along K at compile time) and read by the TE kernels of `kernels_int`, which unpack
-them in the inner loop; int8 linear layers use `_dot_te`.
+packed along K at compile time) and read by the TE kernels of `kernels_int` and
+`kernels_weight_only`, which unpack them in the inner loop; int8 linear layers use `_dot_te`.
 Float quantize/dequantize use the same IEEE operations in the same order as the reference
 (divide, round-half-even via `nearbyint`, add, clip), so they agree bit for bit.
 TVM's default pipeline for the target then fuses each accumulation with its requantize.
@@ -27,7 +27,7 @@ import torch
 from qcompiler.errors import LoweringError
 from qcompiler.ir import widen_batch
 
-from . import dot, kernels_int, packing, weights as weight_table
+from . import dot, kernels_int, kernels_weight_only, packing, weights as weight_table
 from .packing import PACKED_BITS
 from .hadamard import convert_hadamard
 
@@ -187,9 +187,16 @@ def convert_linear_int_grouped(node, imp, weights=None):
 def convert_linear_weight_only(node, imp, weights=None):
     x, w, ws, group, b = _args(node, imp)
     stored, bits, span = _weight_rows(imp, weights, node, 1, w)
-    y = imp.block_builder.emit_te(kernels_int.weight_only_linear, x, stored, ws, b, bits, group, span)
-    _reschedule(imp.block_builder, y, kernels_int.schedule_weight_only, _shape(imp, x)[-1], bits, span)
-    return y
+    shape = _shape(imp, x)  # the kernel takes x as rows [tokens, K]
+    if isinstance(stored, tvm.ir.expr.Constant):  # packed bytes, maybe read as uint32 words
+        stored = relax.const(kernels_weight_only.kernel_rows(stored.value.numpy(), shape[-1], bits, group,
+                                                             _shape(imp, ws)[-1]))
+    tokens = functools.reduce(lambda a, d: a * d, shape[:-1], 1)
+    rows = _emit(imp, R.reshape(x, [tokens, shape[-1]])) if len(shape) != 2 else x
+    tile = kernels_weight_only.token_tile(tokens)
+    y = imp.block_builder.emit_te(kernels_weight_only.weight_only_linear, rows, stored, ws, b, bits, group, span, tile)
+    _reschedule(imp.block_builder, y, kernels_weight_only.schedule, tile, bits, span)
+    return _emit(imp, R.reshape(y, [*shape[:-1], _shape(imp, y)[-1]])) if len(shape) != 2 else y
 
 
 def _reschedule(bb, var, schedule, *args) -> None:

@@ -9,19 +9,35 @@ Host table (milliseconds, median of benchmarks/host.py's RUNS calls after its wa
   qc w8a8             qc.compile(..., quant="w8a8"): float in, quantize, int8 kernel,
                       requantize/dequantize, float out (activation quantization included)
   qc w8a8 tuned       the same after MetaSchedule tuning (--trials, 0 skips it)
-  qc w4 w-only        weight-only int4 (group 128), float activations
-  bound               W4 weight bytes / measured copy bandwidth (the memory-bound floor at 1 token)
+  w8a8 kernel         the int8 dot kernel(s) qc w8a8 runs (`backends/dot.py`, with the register tile)
+  qc w4 w-only        weight-only int4 (group 128), float activations, through art(x)
+  w4 kernel           the same layer's weight-only kernel alone (`kernels_weight_only`, built by
+                      itself from the layer's quantized weights with the converter's schedule),
+                      TVM time_evaluator, min (and median) of KERNEL_REPEATS x KERNEL_NUMBER calls
+  w4 bound            W4 weight bytes incl. float32 group scales / measured copy bandwidth (the
+                      memory-bound floor at 1 token; the kernel reads its weights from cache when
+                      they fit, so it is not a floor for cache-resident weights)
+
+Dot-kernel table (--dot): the int8 linear kernel alone (int8 in, bias and requantizer fused, int8
+out), ms, the minimum over interleaved rounds (robust to other jobs on the machine): avx2_u8s8 on
+7-bit weights (the instruction mix of onnxruntime's AVX2 kernel, which saturates on full-range
+weights), then on full-range 8-bit weights avx2_s16s8 and avx2_sign (vpxor, the
+one w8a8 models get).
 
 Arm table: instructions executed inside the model's kernels (ELF symbols of the generated code),
 for fp32 vs w8a8 vs w4a8 vs w4 weight-only, and how many of them are SDOT. Counts are exact
 and repeatable (QEMU TCG plugin, see backends/icount.py).
 
-    python benchmarks/kernels.py [--trials 32] [--skip-arm] [--skip-host]
+    python benchmarks/kernels.py [--trials 32] [--skip-arm] [--skip-host] [--only SUBSTRING] [--dot] [--w4-only]
+
+--w4-only prints only the w4 weight-only columns (art(x), the kernel alone as min and median, the
+bound and kernel/bound) for the linear shapes, with the machine's load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 
@@ -40,6 +56,7 @@ from qcompiler import zoo  # noqa: E402
 from host import RUNS, median_ms  # noqa: E402  (benchmarks/host.py: one timing helper)
 
 SHAPES = [(768, 768, 1), (768, 768, 16), (3072, 768, 1), (3072, 768, 16)]  # (N out, K in, tokens)
+KERNEL_NUMBER, KERNEL_REPEATS = 5, 400  # short batches: the min is the uninterrupted time
 
 
 def linear(n: int, k: int) -> torch.nn.Module:
@@ -90,6 +107,56 @@ def copy_bandwidth() -> float:
     return a.nbytes / statistics.median(times)
 
 
+def w4_weight_bytes(n: int, k: int, group: int = 128) -> int:
+    """Packed int4 weights plus one float32 scale per group."""
+    return n * k // 2 + n * -(-k // group) * 4
+
+
+def w4_kernel_ms(art, x: torch.Tensor) -> tuple[float, float]:
+    """(min, median) ms of the art's weight-only layer's kernel alone, on x, one thread."""
+    import tvm
+    from tvm import te
+
+    from qcompiler.backends import kernels_weight_only as kw, packing
+    from qcompiler.backends.targets import get_target, tvm_target
+
+    node = next(n for n in art.ir.graph.nodes if n.target == torch.ops.qc.linear_weight_only.default)
+    _, w, ws, group, b = (functools.reduce(getattr, a.target.split("."), art.ir).detach()
+                          if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a for a in node.args)
+    bits, (t, k) = node.meta["qc"]["w_bits"], x.shape
+    p = kw.kernel_rows(packing.pack(w.numpy(), bits), k, bits, group, ws.shape[1])
+    span, tile = packing.span(k, bits), kw.token_tile(t)
+    data = [x.numpy(), p, ws.numpy().astype(np.float32), b.numpy().astype(np.float32)]
+    ph = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(data)]
+    y = kw.weight_only_linear(*ph[:3], ph[3], bits, group, span, tile)
+    func = kw.schedule(te.create_prim_func([*ph, y]), tile, bits, span)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(tvm_target(get_target("host"))))
+    args = [tvm.runtime.tensor(a) for a in data] + [tvm.runtime.tensor(np.zeros((t, p.shape[0]), np.float32))]
+    lib["main"](*args)
+    ref = art(x).detach().numpy()
+    if np.abs(args[-1].numpy() - ref).max() > 1e-5 * np.abs(ref).max():
+        raise RuntimeError("the kernel built alone does not compute what the artifact does")
+    res = lib.mod.time_evaluator("main", tvm.cpu(), number=KERNEL_NUMBER, repeat=KERNEL_REPEATS)(*args).results
+    return min(res) * 1e3, statistics.median(res) * 1e3
+
+
+def w4_rows(bandwidth: float) -> list[tuple]:
+    """The w4 weight-only columns alone for the linear shapes."""
+    rows = [("layer", "qc w4 w-only", "w4 kernel min", "w4 kernel median", "w4 bound", "kernel min / bound")]
+    for n, k, t in SHAPES:
+        model, x = linear(n, k), torch.randn(t, k)
+        art = qc.compile(model, x, quant="w4g128")
+        kmin, kmed = w4_kernel_ms(art, x)
+        bound = w4_weight_bytes(n, k) / bandwidth * 1e3
+        rows.append((f"linear {n}x{k} @{t}", f"{median_ms(art, x):.3f}", f"{kmin:.4f}", f"{kmed:.4f}",
+                     f"{bound:.4f}", f"{kmin / bound:.2f}x"))
+    return rows
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def table(rows: list[tuple]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -100,13 +167,28 @@ def table(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def host_rows(trials: int) -> list[tuple]:
+def w8a8_kernels(art, x: torch.Tensor) -> str:
+    """The dot kernels (name, register tile, K chunk) of `art`'s host build, e.g. "avx2_sign 1x8 k128"."""
+    import tvm
+
+    from qcompiler.backends.dot_schedule import fused_kernels, scheduled_dots
+    from qcompiler.backends.lowering import to_relax
+    from qcompiler.backends.targets import get_target, tvm_target
+
+    tgt = tvm.target.Target(tvm_target(get_target("host")))
+    with tgt:
+        found = scheduled_dots(fused_kernels(to_relax(art.ir, (x,)), tgt)).values()
+    return ", ".join(sorted({v.rsplit(" ", 1)[0] for v in found})) or "plain"  # "fused"/"root" dropped
+
+
+def host_rows(trials: int, only: str = "") -> list[tuple]:
     torch.set_num_threads(1)
     bandwidth = copy_bandwidth()
     rows = [("layer", "torch fp32", "torch dyn int8", "ORT dyn int8", "qc w8a8", "qc w8a8 tuned",
-             "qc w4 w-only", "w4 bound")]
+             "qc w4 w-only", "w4 kernel", "w4 bound", "w8a8 kernel")]
     cases = [(f"linear {n}x{k} @{t}", linear(n, k), torch.randn(t, k)) for n, k, t in SHAPES]
     cases.append(("transformer block d256 seq16", zoo.TransformerBlock(d=256, heads=4).eval(), torch.randn(1, 16, 256)))
+    cases = [c for c in cases if only in c[0]]
     for name, model, x in cases:
         calib = calib_for(x)
         with torch.no_grad():
@@ -121,16 +203,51 @@ def host_rows(trials: int) -> list[tuple]:
         if trials:
             tuned = qc.compile(model, x, quant="w8a8", calib=calib, tune=qc.Tune(trials=trials))
             t_tuned = median_ms(tuned, x)
-        t_w4 = bound = None
+        t_w4 = t_kernel = bound = None
         if is_linear:
             w4 = qc.compile(model, x, quant="w4g128", calib=calib)
             t_w4 = median_ms(w4, x)
-            n, k = model[0].weight.shape
-            weight_bytes = n * k // 2 + n * (k // 128) * 4  # packed int4 + one float32 scale per group
-            bound = weight_bytes / bandwidth * 1e3
-        fmt = [name] + [f"{v:.3f}" if v is not None else "-" for v in (t_fp32, t_dyn, t_ort, t_qc, t_tuned, t_w4, bound)]
-        rows.append(tuple(fmt))
-    print(f"copy bandwidth (one core, 256 MiB): {bandwidth / 1e9:.2f} GB/s")
+            t_kernel = w4_kernel_ms(w4, x)[0]
+            bound = w4_weight_bytes(*model[0].weight.shape) / bandwidth * 1e3
+        fmt = [name] + [f"{v:.3f}" if v is not None else "-"
+                        for v in (t_fp32, t_dyn, t_ort, t_qc, t_tuned, t_w4, t_kernel, bound)]
+        rows.append((*fmt, w8a8_kernels(art, x)))
+    print(f"copy bandwidth (one core, 256 MiB): {bandwidth / 1e9:.2f} GB/s; {load()}")
+    return rows
+
+
+def dot_rows(rounds: int = 10) -> list[tuple]:
+    """Kernel-only timings of the avx2 int8 linear kernels (`backends/dot_kernels.py`) on
+    SHAPES, each the minimum over `rounds` interleaved rounds of 40 calls."""
+    import tvm
+
+    from qcompiler.backends import dot_kernels as dk
+    from qcompiler.backends.targets import get_target, tvm_target
+
+    host = tvm_target(get_target("host"))
+    kernels = ["avx2_u8s8", "avx2_s16s8", "avx2_sign"]
+    rows = [("layer", "u8s8 (7-bit w)", "s16s8", "sign", "s16s8 / sign", "sign / u8s8")]
+    rng = np.random.default_rng(0)
+    for n, k, t in SHAPES:
+        w8 = rng.integers(-127, 128, (n, k)).astype(np.int8)  # the w8a8 grid
+        w7 = rng.integers(-64, 65, (n, k)).astype(np.int8)  # u8s8 is exact only on these
+        x = rng.integers(-128, 128, (t, k)).astype(np.int8)
+        bias = rng.integers(-999, 999, n).astype(np.int32)
+        timers = []
+        for kern in kernels:
+            w = w7 if kern == "avx2_u8s8" else w8
+            func, consts = dk.linear_kernel(kern, x.shape, w, 3, bias, requantize=True)
+            lib = dk.build(func, host)
+            args = [tvm.runtime.tensor(a) for a in (x, *consts, np.zeros((t, n), np.int8))]
+            lib["main"](*args)
+            if not np.array_equal(args[-1].numpy(), dk.reference_requantize(dk.reference_linear(x, 3, w, bias))):
+                raise AssertionError(f"{kern} differs from the reference on {n}x{k} @{t}")
+            timers.append((lib.time_evaluator("main", tvm.cpu(), number=1, repeat=40, min_repeat_ms=0), args))
+        best = [float("inf")] * len(timers)
+        for _ in range(rounds):  # interleaved, so a burst of load elsewhere hits every kernel alike
+            best = [min(b, min(f(*a).results) * 1e3) for b, (f, a) in zip(best, timers)]
+        u8, s16, sign = best
+        rows.append((f"linear {n}x{k} @{t}", *(f"{b:.4f}" for b in best), f"{s16 / sign:.2f}x", f"{sign / u8:.2f}x"))
     return rows
 
 
@@ -163,10 +280,26 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per model (0: skip tuning)")
     p.add_argument("--skip-host", action="store_true")
     p.add_argument("--skip-arm", action="store_true")
+    p.add_argument("--only", default="", help="host rows whose name contains this text (e.g. '@16', '768x768')")
+    p.add_argument("--dot", action="store_true", help="also time the int8 dot kernels alone (W8A8)")
+    p.add_argument("--w4-only", action="store_true", help="only the host w4 weight-only columns, then stop")
     args = p.parse_args()
+    if args.w4_only:
+        torch.set_num_threads(1)
+        bandwidth = copy_bandwidth()
+        print(f"copy bandwidth (one core, 256 MiB): {bandwidth / 1e9:.2f} GB/s; {load()}")
+        print(f"w4 weight-only, ms (1 thread; art(x) median of {RUNS}, kernel alone min/median of "
+              f"{KERNEL_REPEATS} x {KERNEL_NUMBER} calls)")
+        print(table(w4_rows(bandwidth)))
+        print(load())
+        return
     if not args.skip_host:
         print(f"host latency, ms (1 thread, median of {RUNS})")
-        print(table(host_rows(args.trials)))
+        print(table(host_rows(args.trials, args.only)))
+        print()
+    if args.dot:
+        print("int8 dot kernels alone (1 thread, int8 in/out, bias + requantize fused), ms, min of interleaved rounds")
+        print(table(dot_rows()))
         print()
     if not args.skip_arm:
         print("arm (cortex-a76 under qemu-aarch64): instructions executed in the model's kernels")

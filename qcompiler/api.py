@@ -37,6 +37,7 @@ class Artifact:
         self.single_output = single_output
         self._report = report
         self._runner = None
+        self._expected = None
 
     def __call__(self, *inputs: torch.Tensor):
         """Run the generated code (host: in process; arm: under qemu-aarch64)."""
@@ -51,13 +52,16 @@ class Artifact:
     def _check_inputs(self, inputs):
         if len(inputs) != len(self.inputs):
             raise QCompilerError(f"the artifact takes {len(self.inputs)} inputs, got {len(inputs)}")
-        for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
+        if self._expected is None:  # per spec: (shape with the batch as None, torch dtype)
+            self._expected = [(spec["shape"], getattr(torch, spec["dtype"], None)) for spec in self.inputs]
+        for i, (x, (want, dtype)) in enumerate(zip(inputs, self._expected)):
             if not isinstance(x, torch.Tensor):
                 raise QCompilerError(f"input {i} is a {type(x).__name__}, expected a tensor")
             shape = list(x.shape)
-            if spec["shape"] and spec["shape"][0] is None and shape:
+            if want and want[0] is None and shape:
                 shape[0] = None  # compiled with a symbolic batch dimension
-            if shape != spec["shape"] or str(x.dtype).removeprefix("torch.") != spec["dtype"]:
+            if shape != want or x.dtype != dtype:
+                spec = self.inputs[i]
                 raise QCompilerError(
                     f"input {i} is {x.dtype}{list(x.shape)}; the code was compiled for "
                     f"{spec['dtype']}{spec['shape']}: compile again with example inputs of this shape"

@@ -77,12 +77,12 @@ def test_u8s8_exactness_condition_at_its_boundary():
 @needs_avx2
 def test_dispatch_avoids_pmaddubsw_saturation():
     """Full-range weights on which vpmaddubsw saturates: the u8s8 kernel forced on them is wrong
-    (the comparison can fail), the dispatch picks the exact int16 kernel, and it is exact."""
+    (the comparison can fail), the dispatch picks the exact sign-trick kernel, and it is exact."""
     x = np.full((4, 8), 127, np.int8)  # x + 128 = 255
     w = np.array([[127] * 8, [-128] * 8, [127, 100, -128, 5, 0, 1, 2, 3]], np.int8)
     ref = dk.reference_linear(x, 0, w)
     assert not u8s8_pairs_exact(w)
-    assert dot.choose_linear(tvm.target.Target(ZNVER3), w).name == "avx2_s16s8"
+    assert dot.choose_linear(tvm.target.Target(ZNVER3), w).name == "avx2_sign"
     forced, consts = dk.linear_kernel("avx2_u8s8", x.shape, w, 0)
     assert not np.array_equal(_run_host(forced, [x, *consts], ref.shape), ref)
     kern = dot.choose_linear(tvm.target.Target(HOST), w).name
@@ -113,7 +113,7 @@ def test_dispatch_by_target_features():
         k = dot.choose_linear(tvm.target.Target(t), w)
         return k and k.name
 
-    assert (linear(ZNVER3, small), linear(ZNVER3, full)) == ("avx2_u8s8", "avx2_s16s8")
+    assert (linear(ZNVER3, small), linear(ZNVER3, full)) == ("avx2_u8s8", "avx2_sign")
     assert linear(CASCADELAKE, full) == linear({"kind": "llvm", "mcpu": "sapphirerapids"}, small) == "vnni"
     assert linear(ARM, full) == "sdot"
     assert linear({**ARM, "mcpu": "cortex-a53", "mattr": ["+neon"]}, full) is None  # no dotprod

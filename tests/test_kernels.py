@@ -307,6 +307,89 @@ def test_weight_only_recipe_end_to_end(tmp_path):
     assert np.allclose(out, y.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def _weight_only_layers(gb, shapes):
+    """Weight-only layers on random float data: (bits, K, group, x shape) each, 24 rows."""
+    gen = torch.Generator().manual_seed(3)
+    for bits, k, group, xshape in shapes:
+        q = 1 << (bits - 1)
+        x = gb.input(torch.randn(*xshape, k, generator=gen))
+        w = gb.const(torch.randint(-q, q, (24, k), generator=gen).to(torch.int8))
+        scale = torch.rand(24, -(-k // group) if group else 1, generator=gen) * 0.1 + 0.01
+        name = f"w{bits}g{group}k{k}x{'x'.join(map(str, xshape))}"
+        meta = {"w_bits": bits, "weight_only": True, "source": name, "group_size": group}
+        gb.op(Q.linear_weight_only.default, (x, w, gb.const(scale), group, gb.const(torch.randn(24, generator=gen))),
+              meta, out=name)
+
+
+def test_weight_only_offset_form_matches_reference():
+    """The weight-only kernel in its offset form (sum x*u per group, minus 2^(b-1) * sum x,
+    times the group scale) matches qc.linear_weight_only within float rounding on random data,
+    in both layouts: uint32 words (4 bits, groups of 128 over K = 576: a ragged last group of
+    64; per channel; 2 bits, K = 768; 2 bits per channel, K = 200 padded to 256) and bytes
+    (4 bits, K = 200 in groups of 64: rows padded to whole blocks; 2 bits over 576; 4 bits,
+    groups of 32); 1 token, 16 tokens (token tiles of 8, given as [2, 8, K]) and 3 tokens."""
+    gb = _Graph()
+    words = [(4, 576, 128), (4, 576, 0), (2, 768, 128), (2, 200, 0)]
+    nbytes = [(4, 200, 64), (2, 576, 128)]
+    shapes = [(*s, xs) for s in words + nbytes for xs in ((1,), (2, 8))] + [(4, 576, 128, (3,)), (4, 576, 32, (1,))]
+    _weight_only_layers(gb, shapes)
+    gm, inputs = gb.module(), tuple(gb.inputs)
+    mod = to_relax(gm, inputs)
+    kernels = [str(f) for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "wo_part" in str(f)]
+    assert len(kernels) == len(shapes)
+    assert sum("wo_x_words" in k for k in kernels) == 2 * len(words) + 1
+    got = HostRunner(build(gm, inputs))(*inputs)
+    with torch.no_grad():
+        ref = gm(*inputs)
+    for name, y, r in zip(gb.names, got, ref):
+        assert y.shape == r.shape, name
+        err = float((y - r).abs().max() / r.abs().max())
+        assert err < 2e-6, f"{name}: max error {err:.2e} of the largest output"
+
+
+def test_weight_only_token_tiles():
+    """Token counts choose the tile a weight is unpacked for: 8, 4, 2 when they divide it,
+    else 1 (also for a symbolic count)."""
+    from qcompiler.backends.kernels_weight_only import token_tile
+
+    assert [token_tile(t) for t in (1, 2, 3, 4, 6, 8, 12, 16, 24)] == [1, 2, 1, 4, 2, 8, 4, 8, 8]
+    assert token_tile(tvm.tirx.Var("batch", "int64") * 16) == 1
+
+
+def test_weight_only_dynamic_batch():
+    """A weight-only layer built for any batch (symbolic token count: the one-token schedule
+    for every token) matches the reference at 1 and 5 rows."""
+    gb = _Graph()
+    _weight_only_layers(gb, [(4, 576, 128, (2,))])
+    gm = gb.module()
+    runner = HostRunner(build(gm, tuple(gb.inputs), dynamic_batch=True))
+    for rows in (1, 5):
+        x = torch.randn(rows, 576)
+        (y,) = runner(x)
+        with torch.no_grad():
+            (r,) = gm(x)
+        assert float((y - r).abs().max() / r.abs().max()) < 2e-6, rows
+
+
+@pytest.mark.parametrize("target", ["arm", "cortex-m7"])
+def test_weight_only_on_arm_and_cortex_m(target):
+    """The weight-only kernels run on aarch64 (under qemu-aarch64) and on a Cortex-M7 (C kernels,
+    not vectorized, under qemu-system-arm) and match the IR within float rounding."""
+    import shutil
+
+    from qcompiler.backends import arm
+
+    missing = (arm.toolchain_available() if target == "arm" else
+               [t for t in ("arm-none-eabi-gcc", "qemu-system-arm") if shutil.which(t) is None])
+    if missing:
+        pytest.skip(f"toolchain missing: {missing}")
+    torch.manual_seed(0)
+    art = qc.compile(zoo.MLP(256, 64, 10).eval(), (torch.randn(1, 256),), target=target, quant="w4")
+    x = torch.randn(1, 256)
+    y, ref = art(x), art.ir(x).detach()
+    assert float((y - ref).abs().max() / ref.abs().max()) < 2e-6
+
+
 # ---------------------------------------------------------------- recipes and bad input
 
 
