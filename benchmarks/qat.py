@@ -13,13 +13,14 @@ SmolLM2-135M (`--smollm2`, needs the `models` extra and benchmarks/realdata.py):
 on the first `--windows` windows of 512 tokens of gensim's Wikipedia text (the issue's float
 22.85 is over 40) at W4A4KV4 and W4A8 as benchmarks/accuracy.py defines them, PTQ vs a short
 distillation QAT vs QAT with EdgeQAT's losses (training sequences of `--seq` tokens taken after
-the first 40 windows), optionally on top of Hadamard rotations (`--rotate only|both`), with the
-entropy of the quantized keys' integer codes before and after and the measured steps/s; qat's
-progress bar (loss, steps/s) goes to stderr every 30 s.
+the first 40 windows; the training IR is calibrated on the same text cut to that length),
+optionally on top of Hadamard rotations (`--rotate only|both`), with the entropy of the
+quantized keys' integer codes before and after, the measured steps/s and the peak resident
+memory; qat's progress bar (loss, steps/s) goes to stderr every 30 s.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/qat.py [--steps 600] [--bits w4a4,w2a4]
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/qat.py --smollm2 --recipes w4a4kv4 \
-        --windows 4 --steps 30 --lr 1e-5 --lr-quant 1e-4 > smollm2.log 2>&1 &
+    flock /tmp/qc_smollm2.lock nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qat.py --smollm2 \
+        --recipes w4a4kv4 --rotate only --windows 4 --steps 60 --lr 1e-5 --lr-quant 1e-4 > smollm2.log 2>&1 &
 
 (On a machine shared by several jobs, OMP_NUM_THREADS=1 avoids OpenMP threads spinning
 against each other, which made training ~10x slower here.)
@@ -244,6 +245,12 @@ def transfer(src, dst) -> int:
     return len(mine)
 
 
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def smollm2_table(args) -> None:
     """PTQ vs distillation QAT vs EdgeQAT QAT on SmolLM2-135M, optionally on top of Hadamard
     rotations. QAT trains an IR traced at `--seq` tokens; its tensors are loaded into the IR
@@ -256,6 +263,7 @@ def smollm2_table(args) -> None:
     evals, train_ids = ids[: args.windows], ids[40:].reshape(-1, args.seq)
     train = [(t[None],) for t in train_ids]
     calib = [w[None] for w in ids[40:44]]
+    calib_tr = [w[None] for w in ids[40:44].reshape(-1, args.seq)]  # the same text at the training length
     wrapped = LogitsOnly(model)
     t0 = time.perf_counter()
     rows = [("float", "", perplexity(wrapped, evals), {}, None, "")]
@@ -281,7 +289,7 @@ def smollm2_table(args) -> None:
             if not losses:  # PTQ rows only
                 continue
             tr = qc.trace(wrapped, (train_ids[:2],))
-            qc.PassManager.parse(f"{text},calibrate").run(tr, qc.PassContext(calib=calib, verify=False))
+            qc.PassManager.parse(f"{text},calibrate").run(tr, qc.PassContext(calib=calib_tr, verify=False))
             tr_state = {k: v.clone() for k, v in tr.state_dict().items()}
             for loss in losses:
                 tr.load_state_dict(tr_state)
@@ -299,7 +307,8 @@ def smollm2_table(args) -> None:
                 curve = d["losses"]
                 head, tail = np.mean(curve[:10]), np.mean(curve[-10:])
                 rows.append((name, f"QAT {loss} `{opts}`", perplexity(ev, evals), qk_entropy(ev, [(evals[:1],)]),
-                             d["steps_per_s"], f"loss {head:.3g} -> {tail:.3g} (mean of first/last 10)"))
+                             d["steps_per_s"], f"loss {head:.3g} -> {tail:.3g} (mean of first/last 10); "
+                             f"peak RSS so far {peak_rss_gb():.1f} GB"))
                 print(f"  {rows[-1][:3]} {rows[-1][4:]} ({time.perf_counter() - t0:.0f} s, {moved} tensors moved)",
                       flush=True)
                 ev.load_state_dict(ptq_state)

@@ -75,6 +75,10 @@ class Batches:
                                 f"from the inputs' {inputs[0].shape[0]}")
         return inputs, target
 
+    def index(self, step: int, rank: int = 0, world: int = 1) -> int | None:
+        """Which stored batch `get` returns (None for drawn data, new at every step)."""
+        return None if self.items is None else (step * world + rank) % len(self.items)
+
     def get(self, step: int, rank: int = 0, world: int = 1) -> tuple[tuple, object]:
         i = step * world + rank
         if self.items is not None:
@@ -106,3 +110,23 @@ def _noise(example: torch.Tensor, size: int, gen) -> torch.Tensor:
     if example.is_floating_point():
         return torch.randn(shape, generator=gen).to(example.dtype)
     return torch.randint(0, int(example.max()) + 1, shape, generator=gen).to(example.dtype)
+
+
+class TeacherCache:
+    """The teacher's outputs per stored batch, computed once: the teacher is frozen and the
+    batches repeat every epoch, so later epochs read them back (bit for bit what the teacher
+    gives) instead of running it again. Holds at most `mb` megabytes; batches past that run
+    the teacher every time."""
+
+    def __init__(self, teacher, mb: int):
+        self.teacher, self.room, self.store = teacher, mb * 2**20, {}
+
+    @torch.no_grad()
+    def __call__(self, key: int | None, inputs: tuple) -> tuple:
+        if key in self.store:
+            return self.store[key]
+        out = tuple(self.teacher(*inputs))
+        size = sum(t.numel() * t.element_size() for t in out if isinstance(t, torch.Tensor))
+        if key is not None and size <= self.room:
+            self.store[key], self.room = out, self.room - size
+        return out

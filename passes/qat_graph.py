@@ -9,6 +9,7 @@ training the view trains the IR) and returns `(outputs..., captured values...)`:
   captured (so the part before the node keeps training on it);
 - adapters: a weight quantizer's input W becomes W + scale * B @ A (low-rank, trained through
   the quantizer; `qat_lora`);
+- the fake quantizers call `qat_fq.fake_quant_train` (the same forward, cheaper gradients);
 - bias rounding: `convert` stores a quantized op's bias as round(b / (s_x s_w)) in int32, so the
   student view quantizes it on that grid too (straight-through): training sees the deployed
   arithmetic, and `snap_biases` puts the IR's biases on the grid when training ends.
@@ -24,6 +25,8 @@ import torch.fx
 
 from qcompiler.errors import TrainingError
 from qcompiler.ir import cleanup, copy_ir, op_name
+
+from .qat_fq import use_training_fake_quant
 
 
 def flat_outputs(gm: torch.fx.GraphModule) -> list:
@@ -74,6 +77,7 @@ def view(gm: torch.fx.GraphModule, captures: list[str] = (), intervene: list[str
     for node in list(g.nodes):
         if bias_on_grid(node) is not None:
             _quantize_bias(g, node)
+    use_training_fake_quant(g)
     anchor = [n for n in g.nodes if n.op == "placeholder"][-1]  # new inputs come after the model's
     for name in intervene:
         node = _lookup(by_name, name, what)

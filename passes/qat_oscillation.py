@@ -14,6 +14,9 @@ Transformers", Liu et al. 2023). For every weight quantizer of at most `bits` bi
 - freezing: a weight whose frequency exceeds the threshold is fixed at the integer its EMA
   w_ema <- m w_ema + (1 - m) w_int rounds to (the value it oscillates around most), its
   gradient masked; with a learned scale it is kept at  s * frozen_int  after every step.
+
+`qat` tracks only when damping or freezing is on (`track`): the state is four weight-sized
+tensors and the update several passes over every weight per step.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from .qat_params import owner_of
 
 
 class Oscillation:
-    def __init__(self, qp, bits: int = 4, damp: float = 0.0, freeze: float = 0.0, momentum: float = 0.99):
+    def __init__(self, qp, bits: int = 4, damp: float = 0.0, freeze: float = 0.0, momentum: float = 0.99,
+                 track: bool = True):
         self.qp, self.damp, self.freeze_at, self.m = qp, damp, freeze, momentum
         self.tracked = [q for q in qp.weight_quantizers if q["bits"] is not None and q["bits"] <= bits
-                        and q["w"] in qp.weights]
+                        and q["w"] in qp.weights] if track else []
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self._hooks = []
         for q in self.tracked:

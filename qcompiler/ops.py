@@ -339,6 +339,25 @@ def _(x, size):
     return torch.empty_like(x)
 
 
+def _hadamard_backward(ctx, grad):
+    """d x = d y R^T per block (R orthogonal), for training through online rotations: with
+    R = (H_m kron H_p) / sqrt(n), d y R^T = H_m (d Y) H_p / sqrt(n) by the same butterflies."""
+    from .hadamard import factor, hadamard_reference, small_matrix
+
+    m, p = factor(ctx.size)
+    t = hadamard_reference(grad.reshape(-1, m, p), p)
+    if m > 1:
+        t = torch.einsum("ca,bap->bcp", small_matrix(m).to(t.dtype), t) * (1.0 / math.sqrt(m))
+    return t.reshape(grad.shape), None
+
+
+def _hadamard_setup(ctx, inputs, output):
+    ctx.size = inputs[1]
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+
+
 QUANT_OPS = (torch.ops.qc.fake_quant.default, torch.ops.qc.quantize.default, torch.ops.qc.dequantize.default)
 INTEGER_OPS = (
     torch.ops.qc.linear_int.default,

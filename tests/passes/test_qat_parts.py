@@ -43,6 +43,42 @@ def test_fake_quant_gives_the_lsq_gradients(x_shape, s_shape, group):
     assert got[1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("learn", ["x", "xs", "xsz", "sz"])
+@pytest.mark.parametrize("x_shape,s_shape,group", [((6, 10), (6, 1), 0), ((6, 10), (6, 3), 4), ((5, 16), (5, 2), 8)])
+def test_training_fake_quant_is_the_op_bit_for_bit(learn, x_shape, s_shape, group):
+    """qat's training fake quantizer (qat_fq) gives exactly qc.fake_quant's output and exactly
+    its autograd gradients, for every combination of learned input, scale and zero point."""
+    from qcompiler.passes.qat_fq import fake_quant_train
+
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(x_shape, generator=g) * 2
+    x0[0, :3] = torch.tensor([0.5, -0.5, 1.5]) * 0.2  # halfway cases: round half to even
+    s0, z0 = torch.full(s_shape, 0.2), torch.randint(-3, 3, s_shape, generator=g).float()
+    w = torch.randn(x_shape, generator=g)
+    outs = []
+    for fn in (torch.ops.qc.fake_quant, fake_quant_train):
+        x, s, z = (t.clone().requires_grad_(c in learn) for t, c in ((x0, "x"), (s0, "s"), (z0, "z")))
+        y = fn(x, s, z, -8, 7, group)
+        wrt = [t for t in (x, s, z) if t.requires_grad]
+        outs.append((y.detach(), torch.autograd.grad((y * w).sum(), wrt)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+@pytest.mark.parametrize("size", [64, 1536, 576])
+def test_hadamard_gradient_is_the_transposed_rotation(size):
+    """qat trains through online rotations: qc.hadamard's gradient is d y R^T per block, R the
+    orthogonal matrix of the forward (non-symmetric Paley factors 12 and 36 included)."""
+    from qcompiler.hadamard import hadamard_matrix
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2 * size, dtype=torch.float64, generator=g).requires_grad_()
+    dy = torch.randn(3, 2 * size, dtype=torch.float64, generator=g)
+    (dx,) = torch.autograd.grad(torch.ops.qc.hadamard(x, size), x, dy)
+    want = (dy.reshape(-1, size) @ hadamard_matrix(size).T).reshape(dy.shape)
+    assert torch.allclose(dx, want, atol=1e-12)
+
+
 def test_lsq_gradient_scaling(tiny_mlp):
     """A learned weight scale's gradient is the raw LSQ gradient times 1/sqrt(N * qmax), N the
     weights per channel; zero points of symmetric weight quantizers are not trained."""
@@ -154,6 +190,19 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(mlp_setup, tmp_p
     assert ctx.results[-1][1].details["start_step"] == 6
     a, b = _trained(full), _trained(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_teacher_trains_exactly_like_running_it(mlp_setup):
+    """Reading the teacher's outputs back from the per-batch cache in later epochs trains
+    bit for bit like running the teacher at every step (teacher_cache_mb=0)."""
+    fresh, data = mlp_setup
+    states = []
+    for cache in (64, 0):
+        ir = fresh()
+        qc.PassManager.parse(f"qat(steps=10,lr=1e-2,loss=distill,teacher_cache_mb={cache})").run(
+            ir, qc.PassContext(train=data, verify=False))
+        states.append(_trained(ir))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(mlp_setup, tmp_path):
