@@ -15,9 +15,15 @@ column per bit setting, float on top and peers at the same bits below:
   sentences, and the Spearman correlation with WordSim-353's human scores.
 - EfficientNet-Lite0: top-1 agreement with float and KL(float || quantized) on augmented
   crops of the scikit-image / scikit-learn sample photos (per-tensor static activations).
-GPTQ rows use act_order, damping 0.01 and the diag(H)-weighted clip search, with Hessians from
+`tclip` rows add `calibrate(token_clip=true)` before GPTQ: each per-token activation quantizer
+gets the clip ratio (1, 0.95, .., 0.5) with the least consumer-weighted rounding error on the
+calibration data. GPTQ rows use act_order, damping 0.01 and the diag(H)-weighted clip search, with Hessians from
 calibration data disjoint from what is scored (SmolLM2: windows 200.. of the text; MiniLM:
 running text packed into 128-token rows after the scored sentences, no padding).
+Options that change every row (`--calib N` calibration rows/windows, `--a-clip` /
+`--kv-clip` clip ratios of the run-time 4-bit activation / KV ranges, `--group` of the 4-bit
+weights) are appended to the row's name when they differ from their defaults (64 MiniLM rows,
+4 or 8 SmolLM2 windows, no clipping, group 128), so their rows are cached apart.
 Results are cached in the user cache dir (`--fresh` recomputes); `--quick` uses fewer windows,
 sentences and crops. `benchmarks/accuracy_probe.py` shows, per layer, why the residual rotation
 alone raises SmolLM2's 4-bit round-to-nearest error.
@@ -48,6 +54,7 @@ BITS = {"W8A8": (8, 8, 0), "W4A8": (4, 8, 0), "W4A4": (4, 4, 0), "W4A4KV4": (4, 
 LLM_ROT = "heads=true,keys=true,online=*.down_proj"
 GPTQ = "gptq(act_order=true,damp=0.01,clip=true)"  # group: the fake-quant's (128, ragged last)
 GPTQ_SEQ = "gptq(act_order=true,damp=0.01,clip=true,sequential=true)"
+TOKEN_CLIP = "calibrate(token_clip=true)"  # per-layer searched clip ratios of the per-token ranges
 LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
     "rtn": ([], []),
     "smooth": (["smooth(alpha=0.5)"], []),
@@ -56,6 +63,8 @@ LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
     "gptq": ([], [GPTQ]),
     "rotate+gptq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [GPTQ]),
     "rotate+gptq-seq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [GPTQ_SEQ]),
+    "rotate+tclip+gptq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [TOKEN_CLIP, GPTQ]),
+    "rotate+tclip+gptq-seq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [TOKEN_CLIP, GPTQ_SEQ]),
 }
 BERT_RECIPES = {
     "rtn": ([], []),
@@ -65,14 +74,29 @@ BERT_RECIPES = {
     "gptq": ([], [GPTQ]),
     "rotate+gptq": (["rotate(residual=false,online=*)"], [GPTQ]),
     "rotate+gptq-seq": (["rotate(residual=false,online=*)"], [GPTQ_SEQ]),
+    "rotate+tclip+gptq": (["rotate(residual=false,online=*)"], [TOKEN_CLIP, GPTQ]),
+    "rotate+tclip+gptq-seq": (["rotate(residual=false,online=*)"], [TOKEN_CLIP, GPTQ_SEQ]),
 }
 
 
-def fq_text(bits: str, skip: str = "", ops: str = "linear") -> str:
+def fq_text(bits: str, skip: str = "", ops: str = "linear", a_clip: float = 1.0, kv_clip: float = 1.0,
+            group: int = 128) -> str:
+    """The fake-quant of a bit setting; the clip ratios apply to 4-bit activations / KV only."""
     w, a, kv = BITS[bits]
-    gran = "granularity=channel" if w == 8 else "granularity=group,group=128"
+    gran = "granularity=channel" if w == 8 else f"granularity=group,group={group}"
     text = f"fake-quant(w={w},a={a},{gran},a_granularity=token,a_symmetric=true,ops={ops}"
-    return text + (f",skip={skip}" if skip else "") + (f",kv={kv}" if kv else "") + ")"
+    text += (f",skip={skip}" if skip else "") + (f",kv={kv}" if kv else "")
+    text += (f",a_clip={a_clip}" if a <= 4 and a_clip != 1.0 else "")
+    return text + (f",kv_clip={kv_clip}" if kv and kv_clip != 1.0 else "") + ")"
+
+
+def row_name(name: str, args, calib_default: int) -> str:
+    """The recipe's name with the options that differ from their defaults (cache key too)."""
+    extra = [f"calib={args.calib}" if args.calib and args.calib != calib_default else "",
+             f"a_clip={args.a_clip}" if args.a_clip != 1.0 else "",
+             f"kv_clip={args.kv_clip}" if args.kv_clip != 1.0 else "",
+             f"g{args.group}" if args.group != 128 else ""]
+    return " ".join([name] + [e for e in extra if e])
 
 
 class Cache:
@@ -98,10 +122,10 @@ class Cache:
         return self.data[key]
 
 
-def run_pipeline(ir0, recipe, bits, calib, skip="", ops="linear"):
+def run_pipeline(ir0, recipe, bits, calib, args, skip="", ops="linear"):
     pre, post = recipe
     ir = copy_ir(ir0)
-    text = ",".join(pre + [fq_text(bits, skip, ops)] + post)
+    text = ",".join(pre + [fq_text(bits, skip, ops, args.a_clip, args.kv_clip, args.group)] + post)
     ctx = qc.PassContext(calib=calib, verify=False)
     qc.PassManager.parse(text).run(ir, ctx)
     return ir, text
@@ -135,7 +159,10 @@ def smollm2(args, cache: Cache) -> dict:
     model, tok = rd.load_smollm2()
     n = 4 if args.quick else 40
     windows = rd.wiki_windows(tok, n=300, length=512)
-    evalw, calib = windows[:n], [w[None] for w in windows[200: 200 + (4 if args.quick else 8)]]
+    calib_default = 4 if args.quick else 8
+    if 200 + (args.calib or calib_default) > windows.shape[0]:
+        raise SystemExit(f"--calib {args.calib}: at most {windows.shape[0] - 200} SmolLM2 windows")
+    evalw, calib = windows[:n], [w[None] for w in windows[200: 200 + (args.calib or calib_default)]]
     wrapped = rd.LogitsOnly(model)
     table = {"float": {b: cache.get(f"smollm2|float|{n}", lambda: {"ppl": perplexity(wrapped, evalw)}) for b in BITS}}
     state = {}
@@ -143,13 +170,15 @@ def smollm2(args, cache: Cache) -> dict:
 
     for name in args.recipes or LLM_RECIPES:
         if name not in LLM_RECIPES:
+            print(f"  no SmolLM2 recipe {name!r} (have: {', '.join(LLM_RECIPES)})", flush=True)
             continue
         for bits in args.bits or BITS:
             def row(name=name, bits=bits):
                 ir0 = traced()
-                ir, text = run_pipeline(ir0, LLM_RECIPES[name], bits, calib, skip=state["lm_head"])
-                return {"ppl": perplexity(ir, evalw), "pipeline": text}
-            table.setdefault(name, {})[bits] = cache.get(f"smollm2|{name}|{bits}|{n}", row)
+                ir, text = run_pipeline(ir0, LLM_RECIPES[name], bits, calib, args, skip=state["lm_head"])
+                return {"ppl": perplexity(ir, evalw), "pipeline": text, "calib": len(calib)}
+            label = row_name(name, args, calib_default)
+            table.setdefault(label, {})[bits] = cache.get(f"smollm2|{label}|{bits}|{n}", row)
     if not args.no_peers:
         for bits in args.bits or BITS:
             table.setdefault("torchao", {})[bits] = cache.get(
@@ -184,7 +213,8 @@ def minilm(args, cache: Cache) -> dict:
     words = rd.wordsim353()
     vocab = sorted({w for a, c, _ in words for w in (a, c)})
     wb = tok(vocab, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    calib = packed_calibration(tok, rd.wiki_sentences(n + 600)[n:], 64, 128)
+    rows = args.calib or 64
+    calib = packed_calibration(tok, rd.wiki_sentences(n + 600 * -(-rows // 64))[n:], rows, 128)
 
     def embed(fn, ids, mask):
         with torch.no_grad():
@@ -211,12 +241,14 @@ def minilm(args, cache: Cache) -> dict:
 
     for name in args.recipes or BERT_RECIPES:
         if name not in BERT_RECIPES:
+            print(f"  no MiniLM recipe {name!r} (have: {', '.join(BERT_RECIPES)})", flush=True)
             continue
         for bits in args.bits or BITS:
             def row(name=name, bits=bits):
-                ir, text = run_pipeline(traced(), BERT_RECIPES[name], bits, calib)
-                return {**score(ir), "pipeline": text}
-            table.setdefault(name, {})[bits] = cache.get(f"minilm|{name}|{bits}|{n}", row)
+                ir, text = run_pipeline(traced(), BERT_RECIPES[name], bits, calib, args)
+                return {**score(ir), "pipeline": text, "calib": rows}
+            label = row_name(name, args, 64)
+            table.setdefault(label, {})[bits] = cache.get(f"minilm|{label}|{bits}|{n}", row)
     if not args.no_peers:
         table["onnxruntime"] = {"W8A8": cache.get(f"minilm|onnxruntime|W8A8|{n}", lambda: peers.ort_dynamic(enc, (b.input_ids[:2], b.attention_mask[:2]), score))}
     return {"n": n, "metric": "cosine mean / min, WordSim Spearman", "rows": table}
@@ -311,8 +343,18 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--calib", type=int, default=0, help="calibration rows (MiniLM, default 64) or windows "
+                   "(SmolLM2, default 8, 4 with --quick)")
+    p.add_argument("--a-clip", type=float, default=1.0, help="clip ratio of run-time 4-bit activation ranges")
+    p.add_argument("--kv-clip", type=float, default=1.0, help="clip ratio of the 4-bit KV cache's ranges")
+    p.add_argument("--group", type=int, default=128, help="group of the 4-bit weights")
     p.add_argument("--table", action="store_true", help="only print the tables of what is cached")
     args = p.parse_args(argv)
+    if args.calib < 0:
+        p.error(f"--calib {args.calib}: give a positive count (0 = the model's default)")
+    for opt in ("a_clip", "kv_clip"):
+        if not 0 < getattr(args, opt) <= 1:
+            p.error(f"--{opt.replace('_', '-')} {getattr(args, opt)}: give a clip ratio in (0, 1]")
     torch.manual_seed(0)
     cache = Cache(args.fresh)
     if args.table:

@@ -16,6 +16,18 @@ observer watches what enters each one:
   expensive and pull t down to `levels` bins.
 
 Percentile, mse and kl read a uniform sample of at most `sample` values per quantizer.
+
+With `token_clip`, the same batches also choose, per symmetric per-token run-time quantizer
+(`fake-quant(a_granularity=token)`), the clip ratio c of its range (s = max|x| / (qmax / c),
+`dynamic_quant`) from 1, 0.95, ..., `token_clip_min`: the c with the least output-weighted
+squared rounding error summed over every calibration row,
+
+    err(c) = sum_rows sum_k (Q_c(x)_k - x_k)^2 * sum_consumers ||W[:, k]||^2
+
+(W the float weight of each linear reading the quantizer; weight 1 if none), i.e. the
+error of the consumers' outputs with their inputs' errors taken as uncorrelated. Rows are
+seen as they arrive with the earlier quantizers on. Rows with per-row levels (`token-bits`)
+and the KV cache's quantizers keep their ranges.
 Asymmetric: s = (hi - lo) / (qmax - qmin), z = qmin - round(lo / s), with lo <= 0 <= hi so
 that 0.0 is exact. Symmetric: s = max(|lo|, |hi|) / qmax, z = 0.
 """
@@ -84,12 +96,21 @@ class Calibrate(Pass):
     batches: int = 0
     sample: int = 65536
     seed: int = 0
+    token_clip: bool = False
+    token_clip_min: float = 0.5
+
+    def __post_init__(self):
+        if not 0 < self.token_clip_min <= 1:
+            raise CalibrationError(f"token_clip_min={self.token_clip_min}: the smallest clip ratio tried must be "
+                                   "in (0, 1], e.g. 0.5")
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
         fqs = [n for n in gm.graph.nodes  # quantizers imported with their scales (QDQ ONNX) are kept
                if n.op == "call_function" and op_name(n) == "qc.fake_quant"
                and n.meta.get("qc", {}).get("role") == "act" and not n.meta["qc"].get("imported")]
-        if not fqs:
+        searches = {n: ClipSearch(gm, n, self.token_clip_min) for n in gm.graph.nodes
+                    if self.token_clip and ClipSearch.applies(n)}
+        if not fqs and not searches:
             return PassResult(False, "no activation quantizers to calibrate")
         if ctx.calib is None:
             raise CalibrationError(
@@ -98,7 +119,7 @@ class Calibrate(Pass):
             )
         gen = torch.Generator().manual_seed(self.seed)
         observers = {n: Observer(self.sample, gen) for n in fqs}
-        interp = _Observing(gm, observers)
+        interp = _Observing(gm, observers, searches)
         count = 0
         for batch in tqdm(ctx.calib, desc="calibrate", unit="batch", leave=False, disable=None):
             args = check_batch(batch, example_inputs(gm), count, gm.meta["qc"].get("dynamic_batch", True))
@@ -111,9 +132,15 @@ class Calibrate(Pass):
             raise CalibrationError("the calibration data is empty: give at least one batch")
         for n, obs in observers.items():
             self._set(gm, n, obs)
+        clips = {n.name: search.apply() for n, search in searches.items()}
+        if clips:
+            gm.recompile()
         fitted = fit_bias_scales(gm)  # input scales known: make every int32 bias fit (see convert)
-        return PassResult(True, f"calibrated {len(fqs)} quantizers on {count} batches ({self.observer})",
-                          {"bias_fit": fitted} if fitted else {})
+        details = {**({"bias_fit": fitted} if fitted else {}), **({"token_clip": clips} if clips else {})}
+        msg = f"calibrated {len(fqs)} quantizers on {count} batches ({self.observer})"
+        if clips:
+            msg += f"; clip ratios of {len(clips)} per-token quantizers: {min(clips.values())}..{max(clips.values())}"
+        return PassResult(True, msg, details)
 
     def _set(self, gm, node, obs: Observer) -> None:
         _, s_node, z_node, qmin, qmax, _ = node.args
@@ -165,18 +192,65 @@ def kl_threshold(v: torch.Tensor, levels: int, bins: int = 2048) -> float:
     return best_t
 
 
-class _Observing(torch.fx.Interpreter):
-    """Runs the graph with activation fake-quants bypassed, feeding observers."""
+class ClipSearch:
+    """The clip-ratio search of one per-token quantizer (`token_clip`, module docstring)."""
 
-    def __init__(self, gm, observers):
+    @staticmethod
+    def applies(n) -> bool:
+        m = n.meta.get("qc", {}) if isinstance(n, torch.fx.Node) else {}
+        if not (op_name(n) == "qc.fake_quant" and m.get("role") == "act_dynamic" and m.get("symmetric")
+                and m.get("granularity") == "token" and m.get("dims") == [-1]):
+            return False
+        div = n.args[1].args[0]  # s = clamp_min(div(amax, qmax / c), 1e-8)
+        return op_name(div) == "aten.div.Tensor" and isinstance(div.args[1], float)
+
+    def __init__(self, gm, fq, lowest: float, steps: float = 0.05):
+        self.fq, self.div = fq, fq.args[1].args[0]
+        self.qmax = fq.args[4]
+        self.ratios = [round(1.0 - i * steps, 4) for i in range(int(round((1.0 - lowest) / steps)) + 1)]
+        self.err = torch.zeros(len(self.ratios), dtype=torch.float64)
+        self.weight = None
+        for u in fq.users:
+            if op_name(u) == "aten.linear" and u.args[0] is fq:
+                w = u.args[1]
+                w = w.args[0] if op_name(w) == "qc.fake_quant" else w
+                if getattr(w, "op", None) == "get_attr":
+                    col = get_attr_tensor(gm, w).detach().float().pow(2).sum(0)
+                    self.weight = col if self.weight is None else self.weight + col
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        wt = torch.ones(x.shape[-1]) if self.weight is None else self.weight
+        amax = x.abs().amax(-1, keepdim=True)
+        for i, c in enumerate(self.ratios):
+            s = (amax / (self.qmax / c)).clamp_min(1e-8)
+            q = torch.clamp(torch.round(x / s), -self.qmax, self.qmax) * s
+            self.err[i] += float(((q - x).pow(2) * wt).sum())
+
+    def apply(self) -> float:
+        c = self.ratios[int(torch.argmin(self.err))]
+        self.div.update_arg(1, float(self.qmax) / c)
+        self.fq.meta["qc"].pop("clip", None)
+        if c != 1.0:
+            self.fq.meta["qc"]["clip"] = c
+        return c
+
+
+class _Observing(torch.fx.Interpreter):
+    """Runs the graph with activation fake-quants bypassed, feeding observers (and the
+    inputs of run-time quantizers to their clip searches, the quantizers left on)."""
+
+    def __init__(self, gm, observers, searches=None):
         super().__init__(gm)
-        self.observers = observers
+        self.observers, self.searches = observers, searches or {}
 
     def run_node(self, n):
         if n in self.observers:
             x = self.env[n.args[0]]
             self.observers[n].observe(x)
             return x
+        if n in self.searches:
+            self.searches[n].observe(self.env[n.args[0]])
         return super().run_node(n)
 
 

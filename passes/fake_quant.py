@@ -12,7 +12,10 @@ input share its quantizer, so the integer graph quantizes that tensor once.
 
 With `a_granularity=token`, activations are quantized per row with a scale computed at run
 time, and `kv=<bits>` quantizes attention's keys per channel and values per token
-(`dynamic_quant`).
+(`dynamic_quant`). `a_clip` and `kv_clip` (in (0, 1], default 1 = no clipping) shrink those
+run-time ranges to that fraction of the extremes (QuaRot: 0.9 for 4-bit activations, 0.95
+for a 4-bit KV cache); static per-tensor ranges are clipped by `calibrate`'s observers
+(mse, percentile, kl) instead.
 
 Per-node widths set by an analysis (`node.meta["qc"]["w_bits"]` / `["a_bits"]`) win over the
 pass options.
@@ -32,6 +35,8 @@ from qcompiler.errors import QuantSpecError
 from qcompiler.ir import add_constant, get_attr_tensor, op_name
 from qcompiler.pass_manager import Pass, PassResult, register
 from qcompiler.spec import check_bits
+
+from .dynamic_quant import check_clip
 
 # op name -> positions of (activation inputs, weight input or None)
 QUANTIZABLE = {
@@ -80,10 +85,19 @@ class FakeQuant(Pass):
     weight_only: bool = False
     a_granularity: Literal["tensor", "token"] = "tensor"
     kv: int = 0
+    a_clip: float = 1.0
+    kv_clip: float = 1.0
 
     def __post_init__(self):
         check_bits(self.w, "w")
         check_bits(self.a, "a")
+        check_clip(self.a_clip, "a_clip")
+        check_clip(self.kv_clip, "kv_clip")
+        if self.a_clip != 1.0 and self.a_granularity != "token":
+            raise QuantSpecError(f"a_clip={self.a_clip} clips run-time per-token ranges: give it with "
+                                 "a_granularity=token; per-tensor ranges are clipped by calibrate(observer=mse|percentile|kl)")
+        if self.kv_clip != 1.0 and not self.kv:
+            raise QuantSpecError(f"kv_clip={self.kv_clip} clips the KV cache's ranges: give it with kv=<bits>")
         if self.kv:  # KV cache: keys per channel, values per token (`dynamic_quant`)
             check_bits(self.kv, "kv")
             if "matmul" in self.ops:
@@ -129,7 +143,7 @@ class FakeQuant(Pass):
         if self.kv:
             from .dynamic_quant import quantize_kv
 
-            done += quantize_kv(gm, self.kv, self.a_symmetric)
+            done += quantize_kv(gm, self.kv, self.a_symmetric, self.kv_clip)
         gm.recompile()
         return PassResult(bool(done), f"quantized {len(done)} ops", {"nodes": done})
 
@@ -152,7 +166,7 @@ class FakeQuant(Pass):
         if self.a_granularity == "token":  # dynamic: one scale per row, computed at run time
             from .dynamic_quant import dynamic_quantizer
 
-            return dynamic_quantizer(gm, x, bits, [-1], self.a_symmetric, consumer, "token")
+            return dynamic_quantizer(gm, x, bits, [-1], self.a_symmetric, consumer, "token", clip=self.a_clip)
         qmin, qmax = act_grid(bits, self.a_symmetric)
         s = add_constant(gm, f"{x.name}_a_scale", torch.tensor(1.0), consumer)
         z = add_constant(gm, f"{x.name}_a_zp", torch.tensor(0.0), consumer)
