@@ -224,7 +224,7 @@ class ClipSearch:
         amax = x.abs().amax(-1, keepdim=True)
         for i, c in enumerate(self.ratios):
             s = (amax / (self.qmax / c)).clamp_min(1e-8)
-            q = torch.clamp(torch.round(x / s), -self.qmax, self.qmax) * s
+            q = torch.ops.qc.fake_quant.default(x, s, torch.zeros_like(s), -self.qmax, self.qmax, 0)
             self.err[i] += float(((q - x).pow(2) * wt).sum())
 
     def apply(self) -> float:

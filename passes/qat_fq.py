@@ -54,16 +54,9 @@ class _FakeQuant(torch.autograd.Function):
         inside, ds, dz, scale, zero_point = ctx.saved_tensors
         # the op's grad * inside promotes the mask to float on the fly (slow); the same values
         gx = grad * inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        gs = _sum_to(grad * ds, scale, ctx.group_size) if ctx.needs_input_grad[1] else None
-        gz = _sum_to(grad * dz, zero_point, ctx.group_size) if ctx.needs_input_grad[2] else None
+        gs = _sum_to_param(grad * ds, scale, ctx.group_size) if ctx.needs_input_grad[1] else None
+        gz = _sum_to_param(grad * dz, zero_point, ctx.group_size) if ctx.needs_input_grad[2] else None
         return gx, gs, gz, None, None, None
-
-
-def _sum_to(g: torch.Tensor, param: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`qcompiler.ops._sum_to_param` without its zero padding when the groups fill the row."""
-    if group_size > 0 and param.numel() > 1 and param.shape[-1] * group_size == g.shape[-1]:
-        return g.reshape(*g.shape[:-1], param.shape[-1], group_size).sum(-1).sum_to_size(param.shape)
-    return _sum_to_param(g, param, group_size)
 
 
 def fake_quant_train(x, scale, zero_point, quant_min: int, quant_max: int, group_size: int = 0):

@@ -107,7 +107,8 @@ def _sum_to_param(g: torch.Tensor, param: torch.Tensor, group_size: int) -> torc
     """Reduce a per-element gradient to the shape of a (per tensor/channel/group) parameter."""
     if group_size > 0 and param.numel() > 1:
         groups = param.shape[-1]
-        g = torch.nn.functional.pad(g, (0, groups * group_size - g.shape[-1]))
+        if groups * group_size != g.shape[-1]:  # a ragged last group: pad it with zeros
+            g = torch.nn.functional.pad(g, (0, groups * group_size - g.shape[-1]))
         g = g.reshape(*g.shape[:-1], groups, group_size).sum(-1)
     return g.sum_to_size(param.shape)
 
