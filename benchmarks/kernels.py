@@ -37,7 +37,6 @@ bound and kernel/bound) for the linear shapes, with the machine's load average b
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import tempfile
 
@@ -52,6 +51,7 @@ import torch  # noqa: E402
 
 import qcompiler as qc  # noqa: E402
 from qcompiler import zoo  # noqa: E402
+from qcompiler.ir import get_attr_tensor  # noqa: E402
 
 from host import RUNS, median_ms  # noqa: E402  (benchmarks/host.py: one timing helper)
 
@@ -121,7 +121,7 @@ def w4_kernel_ms(art, x: torch.Tensor) -> tuple[float, float]:
     from qcompiler.backends.targets import get_target, tvm_target
 
     node = next(n for n in art.ir.graph.nodes if n.target == torch.ops.qc.linear_weight_only.default)
-    _, w, ws, group, b = (functools.reduce(getattr, a.target.split("."), art.ir).detach()
+    _, w, ws, group, b = (get_attr_tensor(art.ir, a).detach()
                           if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a for a in node.args)
     bits, (t, k) = node.meta["qc"]["w_bits"], x.shape
     p = kw.kernel_rows(packing.pack(w.numpy(), bits), k, bits, group, ws.shape[1])
