@@ -21,7 +21,7 @@ def build(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "host",
     info = get_target(target)
     tgt = tvm.target.Target(tvm_target(info))
     with tgt:  # the converters pick the target's int8 dot-product kernels (`dot`)
-        mod = to_relax(gm, example_inputs, dynamic_batch)
+        mod = to_relax(gm, example_inputs, dynamic_batch, bare_single_output=True)
     pipeline = dot_pipeline(tgt)  # the default pipeline, with those kernels scheduled after fusion
     if tune is not None:
         from .tuning import tuned_pipeline
@@ -40,10 +40,12 @@ class HostRunner:
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self.main = self.vm["main"]
 
-    def __call__(self, *inputs: torch.Tensor):
+    def __call__(self, *inputs: torch.Tensor) -> tuple:
         # DLPack: the VM reads the torch tensors and torch reads its results without copies
-        args = [tvm.runtime.from_dlpack(_aligned(x)) for x in inputs]
-        return _to_torch(self.main(*args))
+        out = self.main(*[tvm.runtime.from_dlpack(_aligned(x)) for x in inputs])
+        if isinstance(out, tvm.runtime.Tensor):  # a lone output, returned bare (`to_relax`)
+            return (torch.from_dlpack(out.__dlpack__()),)
+        return _to_torch(out)
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:

@@ -258,9 +258,12 @@ _READS_WEIGHTS = {"linear_int.default", "linear_int_grouped.default", "conv2d_in
                   "linear_weight_only.default"}
 
 
-def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple, dynamic_batch: bool = False) -> tvm.IRModule:
+def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple, dynamic_batch: bool = False,
+             bare_single_output: bool = False) -> tvm.IRModule:
     """Export the IR at the example shapes (or with a symbolic batch dimension) and import it
-    into a Relax IRModule."""
+    into a Relax IRModule. Its main returns a tuple of the outputs, or with `bare_single_output`
+    a lone output as it is (the host VM then skips building and indexing a one-element tuple,
+    a few microseconds of every call)."""
     table = weight_table.collect(gm)  # per-layer widths, checked; torch.export drops node.meta
     dyn = None
     if dynamic_batch:  # torch.export specializes a size of 1: export at batch 2 at least
@@ -278,7 +281,8 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple, dynamic_batch: boo
             table.bind(ep)
             convert_map = {name: functools.partial(f, weights=table) if name in _READS_WEIGHTS else f
                            for name, f in CONVERT_MAP.items()}
-            return from_exported_program(ep, custom_convert_map=convert_map, run_ep_decomposition=False)
+            return from_exported_program(ep, custom_convert_map=convert_map, run_ep_decomposition=False,
+                                         unwrap_unit_return_tuple=bare_single_output)
     except LoweringError:
         raise
     except Exception as e:

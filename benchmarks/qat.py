@@ -201,10 +201,13 @@ SMOLLM2_BITS = {"w4a8": "W4A8", "w4a4kv4": "W4A4KV4"}
 ROTATE = "rotate(kind=hadamard,heads=true,keys=true,online=*.down_proj)"
 
 
-def smollm2_recipe(recipe: str, skip: str, rotate: bool) -> str:
+def smollm2_recipe(recipe: str, skip: str, rotate: bool, kv_clip: float = 1.0, ptq: str = "") -> str:
+    """The PTQ pipeline QAT starts from: rotations, fake-quant, then the `ptq` passes (e.g.
+    sequential GPTQ), then calibrate."""
     from accuracy import fq_text
 
-    return (f"{ROTATE}," if rotate else "") + fq_text(SMOLLM2_BITS[recipe], skip)
+    text = (f"{ROTATE}," if rotate else "") + fq_text(SMOLLM2_BITS[recipe], skip, kv_clip=kv_clip)
+    return text + (f",{ptq}" if ptq else "") + ",calibrate"
 
 
 def progress_to_log(every: float = 30.0) -> None:
@@ -273,11 +276,11 @@ def smollm2_table(args) -> None:
         for rotate in ([False, True] if args.rotate == "both" else [args.rotate == "only"]):
             ev = qc.trace(wrapped, (evals[:2],))
             skip = skip or lm_head(ev, model.config.vocab_size)
-            text = smollm2_recipe(recipe, skip, rotate)
+            text = smollm2_recipe(recipe, skip, rotate, args.kv_clip, args.ptq)
             name = ("rotate + " if rotate else "") + recipe
             t0 = time.perf_counter()
             try:
-                qc.PassManager.parse(f"{text},calibrate").run(ev, qc.PassContext(calib=calib, verify=False))
+                qc.PassManager.parse(text).run(ev, qc.PassContext(calib=calib, verify=False))
             except qc.PassError as e:
                 rows.append((name, f"not run: {str(e).splitlines()[0][:100]}", float("nan"), {}, None, ""))
                 print(f"  {rows[-1]}", flush=True)
@@ -289,7 +292,8 @@ def smollm2_table(args) -> None:
             if not losses:  # PTQ rows only
                 continue
             tr = qc.trace(wrapped, (train_ids[:2],))
-            qc.PassManager.parse(f"{text},calibrate").run(tr, qc.PassContext(calib=calib_tr, verify=False))
+            qc.PassManager.parse(text).run(tr, qc.PassContext(calib=calib_tr, verify=False))
+            transfer(ev, tr)  # QAT starts from exactly the PTQ row's model (its GPTQ-rounded weights, clips)
             tr_state = {k: v.clone() for k, v in tr.state_dict().items()}
             for loss in losses:
                 tr.load_state_dict(tr_state)
@@ -339,6 +343,9 @@ def main(argv=None):
     p.add_argument("--losses", default="distill,edgeqat", help="SmolLM2 QAT rows (none: PTQ rows only)")
     p.add_argument("--rotate", default="off", choices=["off", "only", "both"],
                    help="SmolLM2: Hadamard rotations before fake-quant (off, only, both: with and without)")
+    p.add_argument("--ptq", default="", help="SmolLM2: passes after fake-quant that QAT starts from, e.g. "
+                   "'calibrate(token_clip=true),gptq(act_order=true,clip=true,sequential=true)'")
+    p.add_argument("--kv-clip", type=float, default=1.0, help="SmolLM2: fake-quant's kv_clip (KV ranges scaled by it)")
     p.add_argument("--qat-extra", default="", help="more SmolLM2 qat options, e.g. lora_rank=8 or train_weights=false")
     args = p.parse_args(argv)
     if args.smollm2:

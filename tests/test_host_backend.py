@@ -88,3 +88,32 @@ def test_dynamic_batch_code_takes_any_batch(tmp_path):
         assert torch.equal(back(x), art(x))
     with pytest.raises(qc.QCompilerError, match=r"compiled for float32\[None, 16, 64\]"):
         art(torch.randn(2, 8, 64))
+
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4), torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.a(h), self.b(h)
+
+
+def test_one_output_is_returned_bare_and_two_as_a_tuple():
+    """A one-output model's code returns its tensor bare (no one-element tuple to build and
+    index per call) and art(x) gives that tensor; a two-output model gives both outputs."""
+    import tvm
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    calib = [torch.randn(4, 16) for _ in range(4)]
+    one = qc.compile(torch.nn.Sequential(torch.nn.Linear(16, 8)).eval(), x, calib=calib)
+    got = one(x)
+    assert isinstance(one._runner.main(tvm.runtime.from_dlpack(x)), tvm.runtime.Tensor)
+    assert got.shape == (4, 8) and (got - one.ir(x)).abs().max() < 1e-5
+    two = qc.compile(_TwoHeads().eval(), x, calib=calib)
+    got, ref = two(x), two.ir(x)
+    assert isinstance(got, tuple) and [tuple(g.shape) for g in got] == [(4, 4), (4, 3)]
+    assert all((g - r).abs().max() < 1e-5 for g, r in zip(got, ref))
