@@ -308,16 +308,16 @@ def test_weight_only_recipe_end_to_end(tmp_path):
 
 
 def _weight_only_layers(gb, shapes):
-    """Weight-only layers on random float data: (bits, K, group, x shape) each, 24 rows."""
+    """Weight-only layers on random float data: (bits, K, group, x shape[, rows N = 24]) each."""
     gen = torch.Generator().manual_seed(3)
-    for bits, k, group, xshape in shapes:
-        q = 1 << (bits - 1)
+    for bits, k, group, xshape, *rows in shapes:
+        q, n = 1 << (bits - 1), (rows or [24])[0]
         x = gb.input(torch.randn(*xshape, k, generator=gen))
-        w = gb.const(torch.randint(-q, q, (24, k), generator=gen).to(torch.int8))
-        scale = torch.rand(24, -(-k // group) if group else 1, generator=gen) * 0.1 + 0.01
-        name = f"w{bits}g{group}k{k}x{'x'.join(map(str, xshape))}"
+        w = gb.const(torch.randint(-q, q, (n, k), generator=gen).to(torch.int8))
+        scale = torch.rand(n, -(-k // group) if group else 1, generator=gen) * 0.1 + 0.01
+        name = f"w{bits}g{group}k{k}x{'x'.join(map(str, xshape))}n{n}"
         meta = {"w_bits": bits, "weight_only": True, "source": name, "group_size": group}
-        gb.op(Q.linear_weight_only.default, (x, w, gb.const(scale), group, gb.const(torch.randn(24, generator=gen))),
+        gb.op(Q.linear_weight_only.default, (x, w, gb.const(scale), group, gb.const(torch.randn(n, generator=gen))),
               meta, out=name)
 
 
@@ -327,17 +327,20 @@ def test_weight_only_offset_form_matches_reference():
     in both layouts: uint32 words (4 bits, groups of 128 over K = 576: a ragged last group of
     64; per channel; 2 bits, K = 768; 2 bits per channel, K = 200 padded to 256) and bytes
     (4 bits, K = 200 in groups of 64: rows padded to whole blocks; 2 bits over 576; 4 bits,
-    groups of 32); 1 token, 16 tokens (token tiles of 8, given as [2, 8, K]) and 3 tokens."""
+    groups of 32); 1 token, 16 tokens (token tiles of 8, given as [2, 8, K]) and 3 tokens; one
+    token in words with tiles of 4 rows (N = 24), 2 (N = 22) and 1 (N = 21)."""
     gb = _Graph()
     words = [(4, 576, 128), (4, 576, 0), (2, 768, 128), (2, 200, 0)]
     nbytes = [(4, 200, 64), (2, 576, 128)]
     shapes = [(*s, xs) for s in words + nbytes for xs in ((1,), (2, 8))] + [(4, 576, 128, (3,)), (4, 576, 32, (1,))]
+    shapes += [(4, 576, 128, (1,), 22), (2, 200, 0, (1,), 21)]
     _weight_only_layers(gb, shapes)
     gm, inputs = gb.module(), tuple(gb.inputs)
     mod = to_relax(gm, inputs)
     kernels = [str(f) for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "wo_part" in str(f)]
     assert len(kernels) == len(shapes)
-    assert sum("wo_x_words" in k for k in kernels) == 2 * len(words) + 1
+    assert sum("wo_x_words" in k for k in kernels) == 2 * len(words) + 3
+    assert not [k for k in kernels if "wo_x_words" in k and 'scope="local"' in k]  # A, P on the stack
     got = HostRunner(build(gm, inputs))(*inputs)
     with torch.no_grad():
         ref = gm(*inputs)
@@ -354,6 +357,13 @@ def test_weight_only_token_tiles():
 
     assert [token_tile(t) for t in (1, 2, 3, 4, 6, 8, 12, 16, 24)] == [1, 2, 1, 4, 2, 8, 4, 8, 8]
     assert token_tile(tvm.tirx.Var("batch", "int64") * 16) == 1
+
+
+def test_weight_only_row_tiles():
+    """One token in the words layout takes tiles of 4 rows, or 2 or 1 when 4 does not divide N."""
+    from qcompiler.backends.kernels_weight_only import row_tile
+
+    assert [row_tile(n) for n in (24, 3072, 22, 6, 21, 1)] == [4, 4, 2, 2, 1, 1]
 
 
 def test_weight_only_dynamic_batch():
