@@ -17,12 +17,14 @@ column per bit setting, float on top and peers at the same bits below:
   crops of the scikit-image / scikit-learn sample photos (per-tensor static activations).
 `tclip` rows add `calibrate(token_clip=true)` before GPTQ: each per-token activation quantizer
 gets the clip ratio (1, 0.95, .., 0.5) with the least consumer-weighted rounding error on the
-calibration data. GPTQ rows use act_order, damping 0.01 and the diag(H)-weighted clip search, with Hessians from
+calibration data (`tclipkv`: the KV cache's quantizers too). `rotate-rs` rows use randomized
+Hadamards (random signs, then H) for the online rotations; `rotate-full` also rotates o_proj's
+input online (a full Hadamard over the heads, on top of the per-head one). GPTQ rows use act_order, damping 0.01 and the diag(H)-weighted clip search, with Hessians from
 calibration data disjoint from what is scored (SmolLM2: windows 200.. of the text; MiniLM:
 running text packed into 128-token rows after the scored sentences, no padding).
 Options that change every row (`--calib N` calibration rows/windows, `--a-clip` /
 `--kv-clip` clip ratios of the run-time 4-bit activation / KV ranges, `--group` of the 4-bit
-weights) are appended to the row's name when they differ from their defaults (64 MiniLM rows,
+weights, `--a-asym` / `--kv-asym` asymmetric run-time activation / KV ranges) are appended to the row's name when they differ from their defaults (64 MiniLM rows,
 4 or 8 SmolLM2 windows, no clipping, group 128), so their rows are cached apart.
 Results are cached in the user cache dir (`--fresh` recomputes); `--quick` uses fewer windows,
 sentences and crops. `benchmarks/accuracy_probe.py` shows, per layer, why the residual rotation
@@ -55,6 +57,9 @@ LLM_ROT = "heads=true,keys=true,online=*.down_proj"
 GPTQ = "gptq(act_order=true,damp=0.01,clip=true)"  # group: the fake-quant's (128, ragged last)
 GPTQ_SEQ = "gptq(act_order=true,damp=0.01,clip=true,sequential=true)"
 TOKEN_CLIP = "calibrate(token_clip=true)"  # per-layer searched clip ratios of the per-token ranges
+TOKEN_CLIP_KV = "calibrate(token_clip=true,token_clip_kv=true)"  # ... and of the KV cache's
+LLM_ROT_RS = f"{LLM_ROT},online_signs=true"  # randomized Hadamard (D H) for the online rotations
+LLM_ROT_FULL = "heads=true,keys=true,online=*.down_proj;*.o_proj,online_signs=true"  # + o_proj's input (QuaRot)
 LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
     "rtn": ([], []),
     "smooth": (["smooth(alpha=0.5)"], []),
@@ -65,6 +70,8 @@ LLM_RECIPES = {  # name -> (passes before fake-quant, passes after it)
     "rotate+gptq-seq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [GPTQ_SEQ]),
     "rotate+tclip+gptq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [TOKEN_CLIP, GPTQ]),
     "rotate+tclip+gptq-seq": ([f"rotate(kind=hadamard,{LLM_ROT})"], [TOKEN_CLIP, GPTQ_SEQ]),
+    "rotate-rs+tclip+gptq-seq": ([f"rotate(kind=hadamard,{LLM_ROT_RS})"], [TOKEN_CLIP, GPTQ_SEQ]),
+    "rotate-full+tclipkv+gptq-seq": ([f"rotate(kind=hadamard,{LLM_ROT_FULL})"], [TOKEN_CLIP_KV, GPTQ_SEQ]),
 }
 BERT_RECIPES = {
     "rtn": ([], []),
@@ -76,17 +83,19 @@ BERT_RECIPES = {
     "rotate+gptq-seq": (["rotate(residual=false,online=*)"], [GPTQ_SEQ]),
     "rotate+tclip+gptq": (["rotate(residual=false,online=*)"], [TOKEN_CLIP, GPTQ]),
     "rotate+tclip+gptq-seq": (["rotate(residual=false,online=*)"], [TOKEN_CLIP, GPTQ_SEQ]),
+    "rotate-rs+tclip+gptq-seq": (["rotate(residual=false,online=*,online_signs=true)"], [TOKEN_CLIP, GPTQ_SEQ]),
 }
 
 
 def fq_text(bits: str, skip: str = "", ops: str = "linear", a_clip: float = 1.0, kv_clip: float = 1.0,
-            group: int = 128) -> str:
+            group: int = 128, a_asym: bool = False, kv_asym: bool = False) -> str:
     """The fake-quant of a bit setting; the clip ratios apply to 4-bit activations / KV only."""
     w, a, kv = BITS[bits]
     gran = "granularity=channel" if w == 8 else f"granularity=group,group={group}"
-    text = f"fake-quant(w={w},a={a},{gran},a_granularity=token,a_symmetric=true,ops={ops}"
+    text = f"fake-quant(w={w},a={a},{gran},a_granularity=token,a_symmetric={str(not a_asym).lower()},ops={ops}"
     text += (f",skip={skip}" if skip else "") + (f",kv={kv}" if kv else "")
     text += (f",a_clip={a_clip}" if a <= 4 and a_clip != 1.0 else "")
+    text += ",kv_symmetric=false" if kv and kv_asym else ""
     return text + (f",kv_clip={kv_clip}" if kv and kv_clip != 1.0 else "") + ")"
 
 
@@ -95,7 +104,11 @@ def row_name(name: str, args, calib_default: int) -> str:
     extra = [f"calib={args.calib}" if args.calib and args.calib != calib_default else "",
              f"a_clip={args.a_clip}" if args.a_clip != 1.0 else "",
              f"kv_clip={args.kv_clip}" if args.kv_clip != 1.0 else "",
-             f"g{args.group}" if args.group != 128 else ""]
+             f"g{args.group}" if args.group != 128 else "",
+             "asym" if getattr(args, "a_asym", False) else "",
+             "kv_asym" if getattr(args, "kv_asym", False) else "",
+             f"gptq({args.gptq})" if getattr(args, "gptq", "") else "",
+             "sentcal" if getattr(args, "calib_sentences", False) else ""]
     return " ".join([name] + [e for e in extra if e])
 
 
@@ -124,8 +137,10 @@ class Cache:
 
 def run_pipeline(ir0, recipe, bits, calib, args, skip="", ops="linear"):
     pre, post = recipe
+    if getattr(args, "gptq", ""):  # --gptq: extra options of the recipe's gptq pass
+        post = [f"{p[:-1]},{args.gptq})" if p.startswith("gptq(") else p for p in post]
     ir = copy_ir(ir0)
-    text = ",".join(pre + [fq_text(bits, skip, ops, args.a_clip, args.kv_clip, args.group)] + post)
+    text = ",".join(pre + [fq_text(bits, skip, ops, args.a_clip, args.kv_clip, args.group, args.a_asym, args.kv_asym)] + post)
     ctx = qc.PassContext(calib=calib, verify=False)
     qc.PassManager.parse(text).run(ir, ctx)
     return ir, text
@@ -189,11 +204,14 @@ def smollm2(args, cache: Cache) -> dict:
 # ---------------------------------------------------------------- MiniLM
 
 
-def packed_calibration(tok, sentences, count: int, length: int, batch: int = 16) -> list:
+def packed_calibration(tok, sentences, count: int, length: int, batch: int = 16, each: bool = False) -> list:
     """`count` sequences of `length` tokens of running text ([CLS] sentences... [SEP], mask all
     ones), not padded sentences: padding tokens would fill most rows of the statistics
-    (GPTQ's Hessians, smoothing scales) with positions the embedding never reads."""
+    (GPTQ's Hessians, smoothing scales) with positions the embedding never reads. `each`
+    (--calib-sentences) wraps every sentence in its own [CLS] .. [SEP], as the scored inputs are."""
     ids = [t for s in sentences for t in tok(s, add_special_tokens=False)["input_ids"]]
+    if each:
+        ids = [t for s in sentences for t in [tok.cls_token_id] + tok(s, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]]
     body = length - 2
     if len(ids) < count * body:
         raise ValueError(f"{len(ids)} tokens of calibration text, need {count * body}")
@@ -214,7 +232,8 @@ def minilm(args, cache: Cache) -> dict:
     vocab = sorted({w for a, c, _ in words for w in (a, c)})
     wb = tok(vocab, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
     rows = args.calib or 64
-    calib = packed_calibration(tok, rd.wiki_sentences(n + 600 * -(-rows // 64))[n:], rows, 128)
+    calib = packed_calibration(tok, rd.wiki_sentences(n + 600 * -(-rows // 64))[n:], rows, 128,
+                               each=getattr(args, "calib_sentences", False))
 
     def embed(fn, ids, mask):
         with torch.no_grad():
@@ -348,6 +367,13 @@ def main(argv=None):
     p.add_argument("--a-clip", type=float, default=1.0, help="clip ratio of run-time 4-bit activation ranges")
     p.add_argument("--kv-clip", type=float, default=1.0, help="clip ratio of the 4-bit KV cache's ranges")
     p.add_argument("--group", type=int, default=128, help="group of the 4-bit weights")
+    p.add_argument("--a-asym", action="store_true", help="asymmetric run-time activation (and KV) ranges "
+                   "(min/max with a zero point; float simulation after convert)")
+    p.add_argument("--kv-asym", action="store_true", help="asymmetric KV cache ranges (kv_symmetric=false)")
+    p.add_argument("--gptq", default="", help="options appended to the recipes' gptq pass, e.g. "
+                   "refit=2,search=4 (part of the row name)")
+    p.add_argument("--calib-sentences", action="store_true", help="MiniLM calibration rows of whole "
+                   "[CLS] sentence [SEP] units instead of running text (part of the row name)")
     p.add_argument("--table", action="store_true", help="only print the tables of what is cached")
     args = p.parse_args(argv)
     if args.calib < 0:

@@ -17,8 +17,9 @@ observer watches what enters each one:
 
 Percentile, mse and kl read a uniform sample of at most `sample` values per quantizer.
 
-With `token_clip`, the same batches also choose, per symmetric per-token run-time quantizer
-(`fake-quant(a_granularity=token)`), the clip ratio c of its range (s = max|x| / (qmax / c),
+With `token_clip`, the same batches also choose, per per-token run-time quantizer
+(`fake-quant(a_granularity=token)`), the clip ratio c of its range (symmetric:
+s = max|x| / (qmax / c); asymmetric: [lo, hi] = c * [min(min x, 0), max(max x, 0)];
 `dynamic_quant`) from 1, 0.95, ..., `token_clip_min`: the c with the least output-weighted
 squared rounding error summed over every calibration row,
 
@@ -27,7 +28,10 @@ squared rounding error summed over every calibration row,
 (W the float weight of each linear reading the quantizer; weight 1 if none), i.e. the
 error of the consumers' outputs with their inputs' errors taken as uncorrelated. Rows are
 seen as they arrive with the earlier quantizers on. Rows with per-row levels (`token-bits`)
-and the KV cache's quantizers keep their ranges.
+keep their ranges. With `token_clip_kv` the KV cache's quantizers (keys per channel over
+the window, values per token) are searched the same way, replacing `fake-quant`'s fixed
+`kv_clip`, with the plain squared error (weight 1: their consumers are the attention
+products, not weights).
 Asymmetric: s = (hi - lo) / (qmax - qmin), z = qmin - round(lo / s), with lo <= 0 <= hi so
 that 0.0 is exact. Symmetric: s = max(|lo|, |hi|) / qmax, z = 0.
 """
@@ -98,8 +102,12 @@ class Calibrate(Pass):
     seed: int = 0
     token_clip: bool = False
     token_clip_min: float = 0.5
+    token_clip_kv: bool = False
 
     def __post_init__(self):
+        if self.token_clip_kv and not self.token_clip:
+            raise CalibrationError("token_clip_kv=true searches the KV cache's clip ratios as part of the "
+                                   "clip search: give it with token_clip=true")
         if not 0 < self.token_clip_min <= 1:
             raise CalibrationError(f"token_clip_min={self.token_clip_min}: the smallest clip ratio tried must be "
                                    "in (0, 1], e.g. 0.5")
@@ -109,7 +117,7 @@ class Calibrate(Pass):
                if n.op == "call_function" and op_name(n) == "qc.fake_quant"
                and n.meta.get("qc", {}).get("role") == "act" and not n.meta["qc"].get("imported")]
         searches = {n: ClipSearch(gm, n, self.token_clip_min) for n in gm.graph.nodes
-                    if self.token_clip and ClipSearch.applies(n)}
+                    if self.token_clip and ClipSearch.applies(n, self.token_clip_kv)}
         if not fqs and not searches:
             return PassResult(False, "no activation quantizers to calibrate")
         if ctx.calib is None:
@@ -193,20 +201,26 @@ def kl_threshold(v: torch.Tensor, levels: int, bins: int = 2048) -> float:
 
 
 class ClipSearch:
-    """The clip-ratio search of one per-token quantizer (`token_clip`, module docstring)."""
+    """The clip-ratio search of one run-time quantizer (`token_clip`, module docstring):
+    per-token rows (symmetric or asymmetric) and, with `token_clip_kv`, the KV cache's."""
 
     @staticmethod
-    def applies(n) -> bool:
+    def applies(n, kv: bool = False) -> bool:
         m = n.meta.get("qc", {}) if isinstance(n, torch.fx.Node) else {}
-        if not (op_name(n) == "qc.fake_quant" and m.get("role") == "act_dynamic" and m.get("symmetric")
-                and m.get("granularity") == "token" and m.get("dims") == [-1]):
+        if op_name(n) != "qc.fake_quant" or m.get("role") != "act_dynamic":
             return False
-        div = n.args[1].args[0]  # s = clamp_min(div(amax, qmax / c), 1e-8)
-        return op_name(div) == "aten.div.Tensor" and isinstance(div.args[1], float)
+        if not ((m.get("granularity") == "token" and m.get("dims") == [-1])
+                or (kv and str(m.get("granularity", "")).startswith("kv-"))):
+            return False
+        div = n.args[1].args[0]  # s = clamp_min(div(amax | hi - lo, qmax / c | qmax - qmin), 1e-8)
+        if not (op_name(div) == "aten.div.Tensor" and isinstance(div.args[1], float)):
+            return False  # per-row levels (token-bits): rows stay on their own grid
+        return bool(m.get("symmetric")) or op_name(div.args[0]) == "aten.sub.Tensor"
 
     def __init__(self, gm, fq, lowest: float, steps: float = 0.05):
         self.fq, self.div = fq, fq.args[1].args[0]
-        self.qmax = fq.args[4]
+        self.qmin, self.qmax = fq.args[3], fq.args[4]
+        self.sym, self.dims = bool(fq.meta["qc"].get("symmetric")), fq.meta["qc"]["dims"]
         self.ratios = [round(1.0 - i * steps, 4) for i in range(int(round((1.0 - lowest) / steps)) + 1)]
         self.err = torch.zeros(len(self.ratios), dtype=torch.float64)
         self.weight = None
@@ -218,22 +232,49 @@ class ClipSearch:
                     col = get_attr_tensor(gm, w).detach().float().pow(2).sum(0)
                     self.weight = col if self.weight is None else self.weight + col
 
+    def _quantize(self, x: torch.Tensor, c: float) -> torch.Tensor:
+        """x through this quantizer with clip ratio c (`dynamic_quant`'s arithmetic)."""
+        if self.sym:
+            s = (x.abs().amax(self.dims, keepdim=True) / (self.qmax / c)).clamp_min(1e-8)
+            z = torch.zeros_like(s)
+        else:
+            lo = x.amin(self.dims, keepdim=True).clamp_max(0.0) * c
+            hi = x.amax(self.dims, keepdim=True).clamp_min(0.0) * c
+            s = ((hi - lo) / float(self.qmax - self.qmin)).clamp_min(1e-8)
+            z = self.qmin - torch.round(lo / s)
+        return torch.ops.qc.fake_quant.default(x, s, z, self.qmin, self.qmax, 0)
+
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1, x.shape[-1])
+        x = x.detach().float()
         wt = torch.ones(x.shape[-1]) if self.weight is None else self.weight
-        amax = x.abs().amax(-1, keepdim=True)
         for i, c in enumerate(self.ratios):
-            s = (amax / (self.qmax / c)).clamp_min(1e-8)
-            q = torch.ops.qc.fake_quant.default(x, s, torch.zeros_like(s), -self.qmax, self.qmax, 0)
-            self.err[i] += float(((q - x).pow(2) * wt).sum())
+            self.err[i] += float(((self._quantize(x, c) - x).pow(2) * wt).sum())
 
     def apply(self) -> float:
         c = self.ratios[int(torch.argmin(self.err))]
-        self.div.update_arg(1, float(self.qmax) / c)
+        if self.sym:
+            self.div.update_arg(1, float(self.qmax) / c)
+        else:
+            _set_asymmetric_clip(self.fq.graph, self.div.args[0], c)
         self.fq.meta["qc"].pop("clip", None)
         if c != 1.0:
             self.fq.meta["qc"]["clip"] = c
         return c
+
+
+def _set_asymmetric_clip(graph, rng, c: float) -> None:
+    """In rng = sub(hi, lo) of an asymmetric run-time quantizer, make hi and lo c times the
+    extremes: update the mul(.., c) that `dynamic_quant` inserts for a clip, or insert one
+    (read by everything that read the unclipped bound: the range and the zero point)."""
+    for bound in rng.args[:2]:
+        if op_name(bound) == "aten.mul.Tensor" and isinstance(bound.args[1], float):
+            bound.update_arg(1, c)
+        elif c != 1.0:
+            with graph.inserting_after(bound):
+                m = graph.call_function(torch.ops.aten.mul.Tensor, (bound, c))
+            if "val" in bound.meta:
+                m.meta["val"] = bound.meta["val"]
+            bound.replace_all_uses_with(m, delete_user_cb=lambda u: u is not m)
 
 
 class _Observing(torch.fx.Interpreter):

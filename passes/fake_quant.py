@@ -12,9 +12,11 @@ input share its quantizer, so the integer graph quantizes that tensor once.
 
 With `a_granularity=token`, activations are quantized per row with a scale computed at run
 time, and `kv=<bits>` quantizes attention's keys per channel and values per token
-(`dynamic_quant`). `a_clip` and `kv_clip` (in (0, 1], default 1 = no clipping) shrink those
-run-time ranges to that fraction of the extremes (QuaRot: 0.9 for 4-bit activations, 0.95
-for a 4-bit KV cache); static per-tensor ranges are clipped by `calibrate`'s observers
+(`dynamic_quant`), on the activations' grid or, with `kv_symmetric=true|false`, on its own
+(QuaRot: symmetric activations, asymmetric KV cache; the KV products stay float simulation).
+`a_clip` and `kv_clip` (in (0, 1], default 1 = no clipping) shrink those run-time ranges
+to that fraction of the extremes (QuaRot: 0.9 for 4-bit activations, 0.95 for a 4-bit KV
+cache); static per-tensor ranges are clipped by `calibrate`'s observers
 (mse, percentile, kl) instead.
 
 Per-node widths set by an analysis (`node.meta["qc"]["w_bits"]` / `["a_bits"]`) win over the
@@ -87,6 +89,7 @@ class FakeQuant(Pass):
     kv: int = 0
     a_clip: float = 1.0
     kv_clip: float = 1.0
+    kv_symmetric: Literal["auto", "true", "false"] = "auto"
 
     def __post_init__(self):
         check_bits(self.w, "w")
@@ -98,6 +101,8 @@ class FakeQuant(Pass):
                                  "a_granularity=token; per-tensor ranges are clipped by calibrate(observer=mse|percentile|kl)")
         if self.kv_clip != 1.0 and not self.kv:
             raise QuantSpecError(f"kv_clip={self.kv_clip} clips the KV cache's ranges: give it with kv=<bits>")
+        if self.kv_symmetric != "auto" and not self.kv:
+            raise QuantSpecError(f"kv_symmetric={self.kv_symmetric} sets the KV cache's grid: give it with kv=<bits>")
         if self.kv:  # KV cache: keys per channel, values per token (`dynamic_quant`)
             check_bits(self.kv, "kv")
             if "matmul" in self.ops:
@@ -143,7 +148,8 @@ class FakeQuant(Pass):
         if self.kv:
             from .dynamic_quant import quantize_kv
 
-            done += quantize_kv(gm, self.kv, self.a_symmetric, self.kv_clip)
+            sym = self.a_symmetric if self.kv_symmetric == "auto" else self.kv_symmetric == "true"
+            done += quantize_kv(gm, self.kv, sym, self.kv_clip)
         gm.recompile()
         return PassResult(bool(done), f"quantized {len(done)} ops", {"nodes": done})
 

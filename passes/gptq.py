@@ -28,6 +28,19 @@ r * max-abs, r searched on a grid down to `clip_min`, minimizing the rounding er
 by diag(H) (the diagonal of the proxy error: how much each input matters), before GPTQ
 rounds (the weight-clipping search GPTQ/QuaRot use at 4 bits). Each layer's proxy error
 tr((W-Q) H (W-Q)^T) is reported next to round-to-nearest's (on the original scales).
+
+Refinements on the full Hessian (all off by default):
+- `search=n` (n >= 2): GPTQ is run with the scales (clip-searched or max-abs) times each of
+  1 and n factors from 1.1 down to 0.8; the layer keeps the rounding with the least proxy
+  error (the diagonal clip search ignores how GPTQ's compensation moves the error).
+- `refit=r`: r rounds of GPTQ then a scale refit, each round starting from the scales the
+  last one refit, the best round kept. The refit keeps GPTQ's integer codes and solves each
+  row's group scales by least squares under H (groups coupled through H); a row keeps its
+  scales where that does not lower its error.
+- `float_target` (with `sequential`): each layer rounds toward the float model's outputs
+  from the inputs it sees in the partly quantized model, min ||X~ Q^T - X W^T||^2, i.e.
+  GPTQ on W' = W X^T X~ (X~^T X~ + damp)^-1 with H = X~^T X~ (the "asymmetric calibration" of
+  GPTAQ, a.k.a. GPTQv2): a layer makes up for the error of the layers before it.
 """
 
 from __future__ import annotations
@@ -116,6 +129,38 @@ def proxy_error(w, q, h) -> float:
     return float(torch.einsum("nk,kl,nl->", d, h, d))
 
 
+def _row_errors(w, q, h) -> torch.Tensor:
+    d = w.double() - q.double()
+    return ((d @ h.double()) * d).sum(1)
+
+
+def refit_scales(w, q, h, scale, group: int):
+    """For the integer codes c = q / scale fixed, each row's group scales s minimizing the
+    proxy error (w - A s)^T H (w - A s), A = [c restricted to each group] (least squares,
+    groups coupled through H). Rows where the fit does not lower the error, or would give a
+    scale <= 0, keep theirs. Returns (scale [N, 1] or [N, G], Q = codes * float32 scale)."""
+    w, h = w.double(), h.double()
+    n, k = w.shape
+    g = group or k
+    full = _scales_for_columns(scale, k, group).double()
+    c = torch.round(q.double() / full)
+    pad, groups = -(-k // g) * g - k, -(-k // g)
+    cp = torch.nn.functional.pad(c, (0, pad)).reshape(n, groups, g)
+    hp = torch.nn.functional.pad(h, (0, pad, 0, pad)).reshape(groups * g, groups, g)
+    p = torch.einsum("kjl,njl->nkj", hp, cp).reshape(n, groups, g, groups)  # sum_{l in g_j} H_kl c_l
+    m = torch.einsum("nig,nigj->nij", cp, p)  # A^T H A
+    b = torch.einsum("nig,nig->ni", cp, torch.nn.functional.pad(w @ h, (0, pad)).reshape(n, groups, g))  # A^T H w
+    ridge = 1e-9 * torch.diagonal(m, dim1=1, dim2=2).abs().amax(-1).clamp_min(1e-30)
+    m = m + ridge.reshape(n, 1, 1) * torch.eye(groups, dtype=m.dtype)
+    fit = torch.linalg.solve(m, b.unsqueeze(-1)).squeeze(-1).float()
+    old = scale.reshape(n, -1).float()
+    fit = torch.where(cp.abs().sum(-1) > 0, fit, old)  # groups of all-zero codes keep theirs
+    new_q = c * _scales_for_columns(fit.reshape(scale.shape), k, group).double()
+    ok = (fit > 0).all(1) & torch.isfinite(fit).all(1) & (_row_errors(w, new_q, h) < _row_errors(w, q, h))
+    best = torch.where(ok.reshape(-1, 1), fit, old).reshape(scale.shape)
+    return best, c * _scales_for_columns(best, k, group).double()
+
+
 @register("gptq")
 class GPTQ(Pass):
     """GPTQ: round every quantized linear's weight with its input Hessian from calibration
@@ -129,38 +174,58 @@ class GPTQ(Pass):
     clip: bool = False
     clip_min: float = 0.5
     sequential: bool = False
+    float_target: bool = False
+    search: int = 0
+    refit: int = 0
 
     def __post_init__(self):
         if self.damp < 0 or self.block <= 0 or self.group < -1:
             raise QuantSpecError(f"{self}: damp must be >= 0, block > 0, group -1 (as quantized), 0 or a size")
+        if self.search < 0 or self.search == 1 or self.refit < 0:
+            raise QuantSpecError(f"{self}: search must be 0 (off) or >= 2 scale factors tried, refit >= 0 "
+                                 "(rounds of scale refitting)")
+        if self.float_target and not self.sequential:
+            raise QuantSpecError(f"{self}: float_target needs sequential=true (the quantized inputs of each layer)")
         if not 0 < self.clip_min <= 1:
             raise QuantSpecError(f"{self}: clip_min must be in (0, 1] (the smallest fraction of max-abs tried)")
 
     def _sequential(self, gm, ctx, layers) -> dict:
         """Layer by layer in graph order: each layer's Hessian comes from the inputs it sees
-        once the layers before it are rounded (and activation quantizers applied)."""
+        once the layers before it are rounded (and activation quantizers applied); with
+        float_target, also from the float model's inputs (the cross moment X~^T X)."""
         errors, by_input = {}, {}
 
         def hook(lin):
-            def before(envs):
-                if lin.args[0] not in by_input:
-                    h = Hessian()
-                    for env in envs:
-                        h(env[lin.args[0]])
-                    by_input[lin.args[0]] = h.value()
-                q, *errors[lin.name] = self._round(gm, lin, by_input[lin.args[0]])
+            def before(envs, float_envs=()):
+                x = lin.args[0]
+                if x not in by_input:
+                    h, cross = Hessian(), Hessian()
+                    for i, env in enumerate(envs):
+                        h(env[x])
+                        if float_envs:
+                            xq, xf = (e[x].detach().reshape(-1, e[x].shape[-1]).double() for e in (env, float_envs[i]))
+                            cross.sum = xq.T @ xf + (0 if cross.sum is None else cross.sum)
+                            cross.count += xq.shape[0]
+                    by_input[x] = (h.value(), cross.value() if float_envs else None)
+                q, *errors[lin.name] = self._round(gm, lin, *by_input[x])
                 for env in envs:
                     env[lin.args[1]] = q.float()
             return before
 
-        run_lockstep(gm, ctx, {lin: hook(lin) for lin in layers}, str(self), self.batches)
+        run_lockstep(gm, ctx, {lin: hook(lin) for lin in layers}, str(self), self.batches, self.float_target)
         return errors
 
-    def _round(self, gm, lin, h):
-        """Round `lin`'s weight with Hessian h; returns (Q, its proxy error, RTN's)."""
+    def _round(self, gm, lin, h, cross=None):
+        """Round `lin`'s weight with Hessian h; returns (Q, its proxy error, RTN's). With the
+        cross moment X~^T X of quantized and float inputs, the weight rounded is the least-
+        squares fit W X^T X~ (H + damp)^-1 of the float outputs from the quantized inputs
+        (||X~ Q^T - X W^T||^2 = tr((Q - W') H (Q - W')^T) + const), and errors are to it."""
         fq = lin.args[1]
         w_node, s_node, z_node, qmin, qmax, group = fq.args
         w = get_attr_tensor(gm, w_node).detach()
+        if cross is not None:
+            hd = h + self.damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+            w = torch.linalg.solve(hd, cross @ w.double().T).T.float()  # (H+d)^-1 symmetric
         scale = get_attr_tensor(gm, s_node)
         if self.group >= 0 and self.group != group:
             from .fake_quant import weight_scale
@@ -176,11 +241,21 @@ class GPTQ(Pass):
         rtn = torch.clamp(torch.round(w.double() / full.double()), qmin, qmax) * full.double()
         if self.clip:
             scale = clipped_scale(w, torch.diagonal(h), scale, group, qmin, qmax, self.clip_min)
+        best = (float("inf"), None, None)
+        for f in [1.0] + [float(f) for f in torch.linspace(1.1, 0.8, self.search) if abs(f - 1) > 1e-6]:
+            sc = scale * f
+            for i in range(max(self.refit, 1)):
+                q = gptq_quantize(w, h, _scales_for_columns(sc, w.shape[1], group), qmin, qmax,
+                                  self.damp, self.act_order, self.block)
+                if self.refit:
+                    sc, q = refit_scales(w, q, h, sc, group)
+                err = proxy_error(w, q, h)
+                best = min(best, (err, q, sc), key=lambda b: b[0])
+        err, q, scale = best
+        if self.clip or self.search or self.refit:
             fq.update_arg(1, add_constant(gm, f"{lin.name}_clip_scale", scale, fq))
-            full = _scales_for_columns(scale, w.shape[1], group)
-        q = gptq_quantize(w, h, full, qmin, qmax, self.damp, self.act_order, self.block)
         fq.update_arg(0, add_constant(gm, f"{lin.name}_gptq_weight", q.float(), fq))
-        return q, proxy_error(w, q, h), proxy_error(w, rtn, h)
+        return q, err, proxy_error(w, rtn, h)
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
         layers = [n for n in gm.graph.nodes if op_name(n) == "aten.linear" and n.meta.get("qc", {}).get("quantized")

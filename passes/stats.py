@@ -76,30 +76,42 @@ class _Stepping(torch.fx.Interpreter):
         return super().run_node(n)
 
 
+class _Float(torch.fx.Interpreter):
+    """A calibration batch's interpreter with every quantizer bypassed (the float model)."""
+
+    def run_node(self, n):
+        if op_name(n) == "qc.fake_quant":
+            return self.env[n.args[0]]
+        return super().run_node(n)
+
+
 def run_lockstep(gm: torch.fx.GraphModule, ctx, before: dict[torch.fx.Node, Callable], what: str,
-                 batches: int = 0) -> int:
+                 batches: int = 0, float_twin: bool = False) -> int:
     """Run all calibration batches through the graph together, node by node; before a node
     in `before` runs, before[node](envs) sees every batch's values so far (one dict per
     batch) and may replace them, so later nodes see what earlier hooks changed (sequential
-    layer-by-layer processing). Values are dropped after their last use. Returns the
-    number of batches."""
-    steppers = []
+    layer-by-layer processing). With `float_twin`, a float copy of every batch (all
+    quantizers bypassed) runs alongside and the hook is called as before[node](envs,
+    float_envs). Values are dropped after their last use. Returns the number of batches."""
+    kinds = (_Stepping, _Float) if float_twin else (_Stepping,)
+    steppers = {kind: [] for kind in kinds}
     for args in _calib_args(gm, ctx, what, batches):
-        st = _Stepping(gm)
-        st.args_iter = iter(args)
-        steppers.append(st)
+        for kind in kinds:
+            st = kind(gm)
+            st.args_iter = iter(args)
+            steppers[kind].append(st)
     nodes = list(gm.graph.nodes)
     last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
     with torch.no_grad():
         for i, n in enumerate(nodes):
             if n in before:
-                before[n]([st.env for st in steppers])
-            for st in steppers:
+                before[n](*[[st.env for st in steppers[kind]] for kind in kinds])
+            for st in (st for kind in kinds for st in steppers[kind]):
                 st.env[n] = st.run_node(n)
                 for a in n.all_input_nodes:
                     if last_use[a] == i:
                         del st.env[a]
-    return len(steppers)
+    return len(steppers[_Stepping])
 
 
 def reference_args(gm, ctx) -> tuple:

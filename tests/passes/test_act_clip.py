@@ -185,3 +185,80 @@ def test_token_clip_option_prints_back_and_refuses_bad_floor():
     for bad in ("0", "1.2"):
         with pytest.raises(qc.CalibrationError, match=r"token_clip_min=.*\(0, 1\]"):
             qc.PassManager.parse(f"calibrate(token_clip=true,token_clip_min={bad})")
+
+
+def test_token_clip_search_covers_asymmetric_rows():
+    """Asymmetric per-token rows are searched too: with the outlier channel's weights ~0 the
+    ratio drops below 1, the graph then equals fake-quant(a_symmetric=false, a_clip=c) bit for
+    bit, and its output error is below the unclipped one."""
+    lin, x = _one_linear(1e-3)
+    ir = qc.trace(lin, (x[:2],))
+    fq = "fake-quant(a=4,ops=linear,a_granularity=token,a_symmetric=false"
+    qc.PassManager.parse(f"{fq}),calibrate(token_clip=true)").run(ir, qc.PassContext(calib=[x[i: i + 2] for i in range(0, 8, 2)]))
+    node = next(n for n in ir.graph.nodes if n.meta.get("qc", {}).get("role") == "act_dynamic")
+    clip = node.meta["qc"].get("clip", 1.0)
+    assert clip < 1.0
+    fixed, plain = qc.trace(lin, (x[:2],)), qc.trace(lin, (x[:2],))
+    qc.PassManager.parse(f"{fq},a_clip={clip})").run(fixed, qc.PassContext())
+    qc.PassManager.parse(f"{fq})").run(plain, qc.PassContext())
+    assert torch.equal(ir(x), fixed(x))
+    ref = lin(x)
+    assert (ir(x) - ref).pow(2).mean() < 0.8 * (plain(x) - ref).pow(2).mean()
+
+
+def _kv_like(symmetric, clip=1.0):
+    """x -> x * 1.0 through a key-like quantizer: per channel over the tokens (dim -2), 4 bits."""
+    ir = qc.trace(Id(), (torch.randn(2, 256, 8),))
+    x = next(n for n in ir.graph.nodes if n.op == "placeholder")
+    mul = next(n for n in ir.graph.nodes if op_name(n) == "aten.mul.Tensor")
+    mul.update_arg(0, dynamic_quantizer(ir, x, 4, [-2], symmetric, mul, "kv-key-channel", clip=clip))
+    ir.recompile()
+    return ir
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_token_clip_kv_searches_the_kv_cache(symmetric):
+    """token_clip_kv=true: a key quantizer (per channel over heavy-tailed tokens) gets a ratio
+    below the fixed one, its graph equals the quantizer built with that ratio, and the error
+    is below the unclipped one; without token_clip_kv the KV quantizer keeps its fixed clip."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((8, 256, 8)) * (1 + torch.rand(8, 1, 8, generator=g))
+    calib = [x[i: i + 2] for i in range(0, 8, 2)]
+
+    def clip_of(ir):
+        n = next(n for n in ir.graph.nodes if n.meta.get("qc", {}).get("role") == "act_dynamic")
+        return n.meta["qc"].get("clip", 1.0)
+    kept = _kv_like(symmetric, 0.95)
+    qc.PassManager.parse("calibrate(token_clip=true)").run(kept, qc.PassContext(calib=calib))
+    assert clip_of(kept) == 0.95
+    ir = _kv_like(symmetric, 0.95)
+    qc.PassManager.parse("calibrate(token_clip=true,token_clip_kv=true)").run(ir, qc.PassContext(calib=calib))
+    c = clip_of(ir)
+    assert c < 0.95
+    assert torch.equal(ir(x), _kv_like(symmetric, c)(x))
+    assert (ir(x) - x).pow(2).sum() < (_kv_like(symmetric)(x) - x).pow(2).sum()
+
+
+def test_token_clip_kv_needs_token_clip():
+    """token_clip_kv=true alone (the KV search is part of the clip search) is refused, naming both options."""
+    text = "calibrate(token_clip=true,token_clip_kv=true)"
+    assert str(qc.PassManager.parse(text)) == text
+    with pytest.raises(qc.CalibrationError, match=r"token_clip_kv=true .* token_clip=true"):
+        qc.PassManager.parse("calibrate(token_clip_kv=true)")
+
+
+def test_kv_symmetric_sets_the_cache_grid_apart_from_the_activations():
+    """kv_symmetric=false: symmetric per-token activations, asymmetric KV quantizers (QuaRot's
+    setting); 'auto' follows a_symmetric; without kv=<bits> the option is refused."""
+    _, ir0 = traced("rms")
+    grids = {}
+    for kvs in ("auto", "false"):
+        ir = copy_ir(ir0)
+        qc.PassManager.parse(f"fake-quant(a=4,a_symmetric=true,ops=linear,a_granularity=token,kv=4,kv_symmetric={kvs})"
+                             ).run(ir, qc.PassContext(calib=calib_ids()))
+        grids[kvs] = {(n.meta["qc"]["granularity"], n.meta["qc"]["symmetric"]) for n in ir.graph.nodes
+                      if n.meta.get("qc", {}).get("role") == "act_dynamic"}
+    assert grids["auto"] == {("token", True), ("kv-key-channel", True), ("kv-value-token", True)}
+    assert grids["false"] == {("token", True), ("kv-key-channel", False), ("kv-value-token", False)}
+    with pytest.raises(qc.QuantSpecError, match=r"kv_symmetric=false .* kv=<bits>"):
+        qc.PassManager.parse("fake-quant(a_granularity=token,kv_symmetric=false)")

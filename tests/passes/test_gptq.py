@@ -99,3 +99,82 @@ def test_sequential_takes_each_hessian_from_the_partly_quantized_model():
     for name, lin in layers.items():
         q = get_attr_tensor(ir, lin.args[1].args[0])
         assert proxy_error(original[name], q, seen[name].value()) == pytest.approx(errors[name][0], rel=1e-6)
+
+
+def test_refit_lowers_the_proxy_error_with_the_codes_kept():
+    """refit_scales: for GPTQ's integer codes, the least-squares group scales under H lower
+    every changed row's proxy error, keep the codes, and stay exactly representable."""
+    from qcompiler.passes.fake_quant import weight_scale
+    from qcompiler.passes.gptq import _scales_for_columns, refit_scales
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 80, generator=g) @ torch.randn(80, 80, generator=g)
+    w, h = torch.randn(24, 80, generator=g), (x.T @ x / 2048).double()
+    for group in (0, 32):  # per channel; groups of 32 with a ragged last group of 16
+        s = weight_scale(w, 4, group)
+        q = gptq_quantize(w, h, _scales_for_columns(s, 80, group), -7, 7)
+        s2, q2 = refit_scales(w, q, h, s, group)
+        full, full2 = _scales_for_columns(s, 80, group), _scales_for_columns(s2, 80, group)
+        assert s2.shape == s.shape and (s2 > 0).all() and not torch.equal(s2, s)
+        assert torch.equal(torch.round(q / full), torch.round(q2 / full2))
+        assert proxy_error(w, q2, h) < 0.99 * proxy_error(w, q, h)
+        assert torch.equal(torch.ops.qc.fake_quant(q2.float(), s2, torch.zeros_like(s2), -7, 7, group), q2.float())
+
+
+def _ratio_and_grid(opts, w=4, heavy=False, gran="granularity=group,group=16"):
+    ir, ctx = copy_ir(traced("rms")[1]), qc.PassContext(calib=calib_ids(8))
+    if heavy:  # Student-t weights: max-abs scales waste most levels on a few outliers
+        torch.manual_seed(0)
+        for n in ir.graph.nodes:
+            if op_name(n) == "aten.linear":
+                p = get_attr_tensor(ir, n.args[1])
+                p.data = torch.distributions.StudentT(2.0).sample(p.shape) * 0.05
+    qc.PassManager.parse(f"fake-quant(w={w},a=8,ops=linear,{gran}),gptq({opts})").run(ir, ctx)
+    for n in ir.graph.nodes:
+        if op_name(n) == "qc.fake_quant" and n.meta["qc"]["role"] == "weight":
+            w = get_attr_tensor(ir, n.args[0])
+            assert torch.equal(torch.ops.qc.fake_quant(w, *[get_attr_tensor(ir, a) for a in n.args[1:3]], *n.args[3:]), w)
+    return ctx.results[-1][1].details["ratio"]
+
+
+def test_refit_and_search_options_on_the_ir():
+    """gptq(refit=2) and gptq(search=4) (layer-level scale factors, the least full-Hessian
+    error kept) lower the output error ratio to RTN; weights stay on their (new) grids."""
+    assert _ratio_and_grid("clip=true,refit=2", 3) < 0.9 * _ratio_and_grid("clip=true", 3)
+    chan = "granularity=channel"
+    assert _ratio_and_grid("search=4", 4, True, chan) < 0.98 * _ratio_and_grid("", 4, True, chan)
+
+
+def test_float_target_fits_the_float_outputs():
+    """gptq(sequential=true,float_target=true) rounds each layer toward the float model's
+    outputs from its quantized inputs: the second linear of an MLP makes up for the first's
+    rounding, so the output error to float on the calibration data drops well below plain
+    sequential GPTQ's."""
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    m, g = MLP().eval(), torch.Generator().manual_seed(1)
+    mix = torch.randn(32, 32, generator=g)
+    calib = [torch.randn(64, 32, generator=g) @ mix for _ in range(4)]
+    ir0, errs = qc.trace(m, (calib[0],)), {}
+    for opt in ("sequential=true", "sequential=true,float_target=true"):
+        ir = copy_ir(ir0)
+        qc.PassManager.parse(f"fake-quant(w=3,a=8,ops=linear),calibrate,gptq({opt})").run(ir, qc.PassContext(calib=calib))
+        with torch.no_grad():
+            errs[opt] = sum(float((ir(x) - m(x)).pow(2).sum()) for x in calib)
+    assert errs["sequential=true,float_target=true"] < 0.85 * errs["sequential=true"]
+
+
+@pytest.mark.parametrize("opts, match", [("search=1", "search must be 0"), ("refit=-1", "refit >= 0"),
+                                          ("float_target=true", "float_target needs sequential=true")])
+def test_bad_new_options_are_refused(opts, match):
+    """search=1 (one factor is no search), a negative refit and float_target without
+    sequential are refused when the pipeline is parsed."""
+    with pytest.raises(qc.QuantSpecError, match=match):
+        qc.PassManager.parse(f"gptq({opts})")
