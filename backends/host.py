@@ -42,10 +42,8 @@ class HostRunner:
 
     def __call__(self, *inputs: torch.Tensor) -> tuple:
         # DLPack: the VM reads the torch tensors and torch reads its results without copies
-        out = self.main(*[tvm.runtime.from_dlpack(_aligned(x)) for x in inputs])
-        if isinstance(out, tvm.runtime.Tensor):  # a lone output, returned bare (`to_relax`)
-            return (torch.from_dlpack(out.__dlpack__()),)
-        return _to_torch(out)
+        out = _to_torch(self.main(*[tvm.runtime.from_dlpack(_aligned(x)) for x in inputs]))
+        return out if isinstance(out, tuple) else (out,)  # a lone output comes back bare (`to_relax`)
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
