@@ -3,9 +3,11 @@ instructions of the same layers on `arm` (under QEMU, counted by the TCG plugin)
 
 Host table (milliseconds, median of benchmarks/host.py's RUNS calls after its warm-up, one thread):
   torch fp32          nn.Linear in eager PyTorch
-  torch dyn int8      torch.ao dynamic quantization (activations quantized per call)
-  ORT dyn int8        onnxruntime's quantize_dynamic on the same layer (activation
-                      quantization included, as in qcompiler's code)
+  torch dyn int8      torch.ao dynamic quantization of the nn.Linear modules (activations quantized per call)
+  ORT dyn int8        onnxruntime's quantize_dynamic on the same layer or block (activation
+                      quantization included, as in qcompiler's code; the block as torch.onnx.export
+                      writes it: its dynamic quantizer takes only MatMuls with constant weights, so the
+                      attention products stay float, which qc's w8a8 quantizes too)
   qc w8a8             qc.compile(..., quant="w8a8"): float in, quantize, int8 kernel,
                       requantize/dequantize, float out (activation quantization included)
   qc w8a8 tuned       the same after MetaSchedule tuning (--trials, 0 skips it)
@@ -70,23 +72,27 @@ def calib_for(x: torch.Tensor) -> list:
 
 
 def ort_dynamic_int8(model: torch.nn.Module, x: torch.Tensor):
-    """onnxruntime's dynamic int8 quantizer on a MatMul+Add graph holding the layer's weights."""
+    """onnxruntime's dynamic int8 quantizer: a linear layer as a MatMul+Add graph holding its
+    weights, any other model (the transformer block) as torch.onnx.export writes it."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    lin = model[0]
-    w = lin.weight.detach().numpy().T.copy()
-    b = lin.bias.detach().numpy()
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
-        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], w.shape[1]])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     with tempfile.TemporaryDirectory() as d:
         src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+        if isinstance(model, torch.nn.Sequential):
+            lin = model[0]
+            w = lin.weight.detach().numpy().T.copy()
+            b = lin.bias.detach().numpy()
+            graph = helper.make_graph(
+                [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+                "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], w.shape[1]])],
+                [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+        else:
+            torch.onnx.export(model, (x,), src, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
@@ -196,9 +202,8 @@ def host_rows(trials: int, only: str = "") -> list[tuple]:
         with torch.no_grad():
             t_fp32 = median_ms(model, x)
             is_linear = isinstance(model, torch.nn.Sequential)
-            t_dyn = (median_ms(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8), x)
-                     if is_linear else None)
-        t_ort = median_ms(ort_dynamic_int8(model, x)) if is_linear else None
+            t_dyn = median_ms(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8), x)
+        t_ort = median_ms(ort_dynamic_int8(model, x))
         art = qc.compile(model, x, quant="w8a8", calib=calib)
         t_qc = median_ms(art, x)
         t_tuned = None
