@@ -204,12 +204,17 @@ def ScheduleDots(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass
 
 def dot_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """The target's default Relax pipeline (`relax.get_default_pipeline` for LLVM CPU targets)
-    with `ScheduleDots` right after fusion; other targets get their default pipeline."""
+    with `ScheduleDots` right after fusion, then (CPUs with vector units: not the thumb
+    microcontrollers) `reduction_schedule.ScheduleRowSums`; other targets get their default
+    pipeline."""
     if target.kind.name != "llvm":
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as stages  # (its package omits dataflow_lower_passes)
 
-    passes = (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots]
+    from .reduction_schedule import ScheduleRowSums
+
+    rows = [] if str(target.attrs.get("mtriple", "")).startswith("thumb") else [ScheduleRowSums]
+    passes = (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *rows]
               + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
 
     @tvm.transform.module_pass(opt_level=0, name="qc.DotPipeline")
