@@ -30,8 +30,11 @@ Arm table: instructions executed inside the model's kernels (ELF symbols of the 
 for fp32 vs w8a8 vs w4a8 vs w4 weight-only, and how many of them are SDOT. Counts are exact
 and repeatable (QEMU TCG plugin, see backends/icount.py).
 
-    python benchmarks/kernels.py [--trials 32] [--skip-arm] [--skip-host] [--only SUBSTRING] [--dot] [--w4-only]
+    python benchmarks/kernels.py [--trials 32] [--skip-arm] [--skip-host] [--only SUBSTRING] [--dot] [--w4-only] [--vs-ort]
 
+--vs-ort prints only qc w8a8 against onnxruntime's dynamic int8 and torch fp32 (the host cases,
+--only filters them), each the per-call minimum over interleaved rounds: on a shared machine the
+medians of the host table move by 10-30% between runs.
 --w4-only prints only the w4 weight-only columns (art(x), the kernel alone as min and median, the
 bound and kernel/bound) for the linear shapes, with the machine's load average before and after.
 """
@@ -189,15 +192,20 @@ def w8a8_kernels(art, x: torch.Tensor) -> str:
     return ", ".join(sorted({v.rsplit(" ", 1)[0] for v in found})) or "plain"  # "fused"/"root" dropped
 
 
+def host_cases(only: str = "") -> list[tuple]:
+    """(name, model, x) for the linear SHAPES and the transformer block whose name contains `only`."""
+    torch.manual_seed(0)
+    cases = [(f"linear {n}x{k} @{t}", linear(n, k), torch.randn(t, k)) for n, k, t in SHAPES]
+    cases.append(("transformer block d256 seq16", zoo.TransformerBlock(d=256, heads=4).eval(), torch.randn(1, 16, 256)))
+    return [c for c in cases if only in c[0]]
+
+
 def host_rows(trials: int, only: str = "") -> list[tuple]:
     torch.set_num_threads(1)
     bandwidth = copy_bandwidth()
     rows = [("layer", "torch fp32", "torch dyn int8", "ORT dyn int8", "qc w8a8", "qc w8a8 tuned",
              "qc w4 w-only", "w4 kernel", "w4 bound", "w8a8 kernel")]
-    cases = [(f"linear {n}x{k} @{t}", linear(n, k), torch.randn(t, k)) for n, k, t in SHAPES]
-    cases.append(("transformer block d256 seq16", zoo.TransformerBlock(d=256, heads=4).eval(), torch.randn(1, 16, 256)))
-    cases = [c for c in cases if only in c[0]]
-    for name, model, x in cases:
+    for name, model, x in host_cases(only):
         calib = calib_for(x)
         with torch.no_grad():
             t_fp32 = median_ms(model, x)
@@ -258,6 +266,28 @@ def dot_rows(rounds: int = 10) -> list[tuple]:
     return rows
 
 
+def vs_ort_rows(only: str = "", rounds: int = 15, calls: int = 50) -> list[tuple]:
+    """qc w8a8 (`art(x)`), onnxruntime dynamic int8 and torch fp32 on the host cases (linear
+    shapes and the transformer block): per-call minimum over `rounds` interleaved rounds of
+    `calls` calls, so a burst of load elsewhere hits all three alike (medians move 10-30% here)."""
+    torch.set_num_threads(1)
+    rows = [("layer", "qc w8a8 us", "ORT dyn int8 us", "torch fp32 us", "qc / ORT")]
+    for name, model, x in host_cases(only):
+        art = qc.compile(model, x, quant="w8a8", calib=calib_for(x))
+        fns = [lambda: art(x), ort_dynamic_int8(model, x), lambda: model(x)]
+        best = [float("inf")] * len(fns)
+        with torch.no_grad():
+            for _ in range(rounds):
+                for i, fn in enumerate(fns):
+                    fn()
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    best[i] = min(best[i], (time.perf_counter() - t0) / calls * 1e6)
+        rows.append((name, *(f"{b:.1f}" for b in best), f"{best[0] / best[1]:.2f}x"))
+    return rows
+
+
 def arm_rows() -> list[tuple]:
     from qcompiler.backends import arm, icount
 
@@ -290,7 +320,14 @@ def main() -> None:
     p.add_argument("--only", default="", help="host rows whose name contains this text (e.g. '@16', '768x768')")
     p.add_argument("--dot", action="store_true", help="also time the int8 dot kernels alone (W8A8)")
     p.add_argument("--w4-only", action="store_true", help="only the host w4 weight-only columns, then stop")
+    p.add_argument("--vs-ort", action="store_true", help="only qc w8a8 vs onnxruntime vs torch fp32 on the host "
+                   "cases (--only filters), minimum over interleaved rounds, then stop")
     args = p.parse_args()
+    if args.vs_ort:
+        print(f"host latency, us (1 thread, per-call minimum over interleaved rounds); {load()}")
+        print(table(vs_ort_rows(args.only)))
+        print(load())
+        return
     if args.w4_only:
         torch.set_num_threads(1)
         bandwidth = copy_bandwidth()
