@@ -236,8 +236,9 @@ def convert_gelu(node, imp):
     x = _args(node, imp)[0]
     if node.kwargs.get("approximate", "none") != "none":
         return _emit(imp, R.nn.gelu_tanh(x))
-    return _emit(imp, R.multiply(x, R.add(relax.const(0.5, "float32"), R.multiply(relax.const(0.5, "float32"), _fast_erf(
-        imp, R.multiply(x, relax.const(1 / math.sqrt(2), "float32")))))))
+    half = relax.const(0.5, "float32")
+    erf = _fast_erf(imp, R.multiply(x, relax.const(1 / math.sqrt(2), "float32")))
+    return _emit(imp, R.multiply(x, R.add(half, R.multiply(half, erf))))
 
 
 def convert_erf(node, imp):
