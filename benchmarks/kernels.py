@@ -34,7 +34,9 @@ and repeatable (QEMU TCG plugin, see backends/icount.py).
 
 --vs-ort prints only qc w8a8 against onnxruntime's dynamic int8 and torch fp32 (the host cases,
 --only filters them), each the per-call minimum over interleaved rounds: on a shared machine the
-medians of the host table move by 10-30% between runs.
+medians of the host table move by 10-30% between runs. Then one input on which the u8 x s8
+instruction onnxruntime uses on AVX2 without VNNI (vpmaddubsw) overflows its int16 pair sums:
+what torch fp32, qc w8a8 and onnxruntime compute for it.
 --w4-only prints only the w4 weight-only columns (art(x), the kernel alone as min and median, the
 bound and kernel/bound) for the linear shapes, with the machine's load average before and after.
 """
@@ -288,6 +290,24 @@ def vs_ort_rows(only: str = "", rounds: int = 15, calls: int = 50) -> list[tuple
     return rows
 
 
+def saturation_rows() -> list[tuple]:
+    """What each int8 path computes for one input on which u8 x s8 pair sums overflow int16: a
+    64-input linear whose weights all sit at their channel's maximum (int8 127), fed inputs at
+    the ends of their range (onnxruntime's dynamic quantizer maps them to uint8 0 and 255). The
+    exact result is 62; vpmaddubsw saturates each pair 255 * 127 * 2 at 32767."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    x = torch.ones(1, 64)
+    x[0, 0] = -1.0
+    art = qc.compile(model, x, quant="w8a8", calib=[x])
+    outs = [model(x), art(x), torch.from_numpy(ort_dynamic_int8(model, x)()[0])]
+    return [("path", "y[0] (float: 62; w8a8 rounds its output to 8 bits)")] + [(name, f"{float(y.detach().reshape(-1)[0]):.3f}")
+                                             for name, y in zip(("torch fp32", "qc w8a8", "ORT dyn int8"), outs)]
+
+
 def arm_rows() -> list[tuple]:
     from qcompiler.backends import arm, icount
 
@@ -327,6 +347,8 @@ def main() -> None:
         print(f"host latency, us (1 thread, per-call minimum over interleaved rounds); {load()}")
         print(table(vs_ort_rows(args.only)))
         print(load())
+        print("\nexactness on inputs that overflow vpmaddubsw's int16 pair sums (u8 255 x s8 127, twice):")
+        print(table(saturation_rows()))
         return
     if args.w4_only:
         torch.set_num_threads(1)

@@ -201,12 +201,14 @@ SMOLLM2_BITS = {"w4a8": "W4A8", "w4a4kv4": "W4A4KV4"}
 ROTATE = "rotate(kind=hadamard,heads=true,keys=true,online=*.down_proj)"
 
 
-def smollm2_recipe(recipe: str, skip: str, rotate: bool, kv_clip: float = 1.0, ptq: str = "") -> str:
+def smollm2_recipe(recipe: str, skip: str, rotate: bool, kv_clip: float = 1.0, ptq: str = "",
+                   a_asym: bool = False, kv_asym: bool = False, rotate_text: str = ROTATE) -> str:
     """The PTQ pipeline QAT starts from: rotations, fake-quant, then the `ptq` passes (e.g.
     sequential GPTQ), then calibrate."""
     from accuracy import fq_text
 
-    text = (f"{ROTATE}," if rotate else "") + fq_text(SMOLLM2_BITS[recipe], skip, kv_clip=kv_clip)
+    text = (f"{rotate_text}," if rotate else "") + fq_text(SMOLLM2_BITS[recipe], skip, kv_clip=kv_clip,
+                                                           a_asym=a_asym, kv_asym=kv_asym)
     return text + (f",{ptq}" if ptq else "") + ",calibrate"
 
 
@@ -265,8 +267,10 @@ def smollm2_table(args) -> None:
     ids = wiki_windows(tok, n=40 + args.train_windows, length=512)  # training text after the 40 evaluation windows
     evals, train_ids = ids[: args.windows], ids[40:].reshape(-1, args.seq)
     train = [(t[None],) for t in train_ids]
-    calib = [w[None] for w in ids[40:44]]
-    calib_tr = [w[None] for w in ids[40:44].reshape(-1, args.seq)]  # the same text at the training length
+    if not 0 < args.calib <= args.train_windows:
+        raise SystemExit(f"--calib {args.calib}: give 1..--train-windows ({args.train_windows}) windows")
+    calib = [w[None] for w in ids[40:40 + args.calib]]  # the start of the training text
+    calib_tr = [w[None] for w in ids[40:40 + args.calib].reshape(-1, args.seq)]  # the same text at the training length
     wrapped = LogitsOnly(model)
     t0 = time.perf_counter()
     rows = [("float", "", perplexity(wrapped, evals), {}, None, "")]
@@ -276,8 +280,11 @@ def smollm2_table(args) -> None:
         for rotate in ([False, True] if args.rotate == "both" else [args.rotate == "only"]):
             ev = qc.trace(wrapped, (evals[:2],))
             skip = skip or lm_head(ev, model.config.vocab_size)
-            text = smollm2_recipe(recipe, skip, rotate, args.kv_clip, args.ptq)
-            name = ("rotate + " if rotate else "") + recipe
+            text = smollm2_recipe(recipe, skip, rotate, args.kv_clip, args.ptq, args.a_asym, args.kv_asym,
+                                  args.rotate_text or ROTATE)
+            name = ("rotate + " if rotate else "") + recipe + (" asym" if args.a_asym else "") + (
+                " kv-asym" if args.kv_asym else "") + (f" calib={args.calib}" if args.calib != 4 else "")
+            print(f"  {name}: {text}", flush=True)
             t0 = time.perf_counter()
             try:
                 qc.PassManager.parse(text).run(ev, qc.PassContext(calib=calib, verify=False))
@@ -346,6 +353,11 @@ def main(argv=None):
     p.add_argument("--ptq", default="", help="SmolLM2: passes after fake-quant that QAT starts from, e.g. "
                    "'calibrate(token_clip=true),gptq(act_order=true,clip=true,sequential=true)'")
     p.add_argument("--kv-clip", type=float, default=1.0, help="SmolLM2: fake-quant's kv_clip (KV ranges scaled by it)")
+    p.add_argument("--a-asym", action="store_true", help="SmolLM2: asymmetric per-token activations")
+    p.add_argument("--kv-asym", action="store_true", help="SmolLM2: asymmetric KV cache (kv_symmetric=false)")
+    p.add_argument("--rotate-text", default="", help=f"SmolLM2: the rotate pass of --rotate (default {ROTATE})")
+    p.add_argument("--calib", type=int, default=4, help="SmolLM2: calibration windows of 512 (the start of the "
+                   "training text)")
     p.add_argument("--qat-extra", default="", help="more SmolLM2 qat options, e.g. lora_rank=8 or train_weights=false")
     args = p.parse_args(argv)
     if args.smollm2:

@@ -13,8 +13,10 @@ One step on batch (x, y) (see the `qat_*` modules for each piece):
       | T^2 KL(t || s) + sum feature(s_feats, t_feats)     loss=distill (`qat_losses`)
       | distill + entropy(q, k) + distribution(q, k)        loss=edgeqat (EdgeQAT)
       + damping                                              damp > 0 (`qat_oscillation`)
-    Adam step on weights (or low-rank adapters, `qat_lora`) at `lr` and on LSQ/LSQ+ scales and
-    offsets at `lr_quant` (`qat_params`), cosine-decayed; then oscillation tracking/freezing.
+    Adam step on weights (or low-rank adapters, `qat_lora`) at `lr`, on LSQ/LSQ+ scales and
+    offsets at `lr_quant` (`qat_params`) and, with lr_clip > 0, on the clip ratios of the
+    run-time (per-token, KV-cache) quantizers at `lr_clip` (`qat_clips`), cosine-decayed; then
+    oscillation tracking/freezing.
     (AdamW's fused kernel by default: one pass over each tensor instead of about ten, the
     same update up to the last bit of rounding; fused_adam=false for torch's loop.)
 
@@ -42,6 +44,7 @@ from qcompiler.pass_manager import Pass, PassResult, register
 from qcompiler.spec import check_bits
 
 from . import qat_checkpoint, qat_dist, qat_lora
+from .qat_clips import ClipRatios
 from .qat_data import Batches, TeacherCache
 from .qat_graph import attention_qk, flat_outputs, float_teacher, require_nodes, snap_biases, teacher_name, view
 from .qat_losses import distill_output, distribution_loss, entropy_loss, feature_loss, task_loss
@@ -58,6 +61,7 @@ class QAT(Pass):
     steps: int = 200
     lr: float = 1e-4
     lr_quant: float = 1e-3
+    lr_clip: float = 0.0
     loss: Literal["task", "distill", "edgeqat"] = "distill"
     data: Literal["auto", "train", "calib", "synthetic", "noise"] = "auto"
     batch: int = 0
@@ -91,8 +95,9 @@ class QAT(Pass):
         for name in ("steps", "batch", "intervene_steps", "lora_rank", "checkpoint_every", "teacher_cache_mb"):
             if getattr(self, name) < (1 if name == "steps" else 0):
                 raise QuantSpecError(f"{name}={getattr(self, name)} must be {'positive' if name == 'steps' else '>= 0'}")
-        if self.lr <= 0 or self.lr_quant < 0:
-            raise QuantSpecError(f"lr={self.lr}, lr_quant={self.lr_quant}: learning rates must be positive")
+        if self.lr <= 0 or self.lr_quant < 0 or self.lr_clip < 0:
+            raise QuantSpecError(f"lr={self.lr}, lr_quant={self.lr_quant}, lr_clip={self.lr_clip}: learning rates "
+                                 "must be positive (lr_quant and lr_clip may be 0: those quantities stay fixed)")
         check_bits(self.osc_bits, "osc_bits")
         if self.loss == "task" and self.data in ("synthetic", "noise"):
             raise QuantSpecError(f"loss=task needs targets, which data={self.data} does not have: use loss=distill "
@@ -127,19 +132,22 @@ class QAT(Pass):
             teacher = TeacherCache(view(t_ir, [teacher_name(nodes[c]) for c in caps], what="teacher"),
                                    self.teacher_cache_mb)
         qp = QuantParams(gm, self.quantizers, self.train_weights and not self.lora_rank, learn_acts=data.mode != "noise")
+        clips = ClipRatios(gm) if self.lr_clip > 0 and data.mode != "noise" else None
         try:
-            return self._train(gm, ctx, qp, data, teacher, caps, feats, qk_names, rank, world)
+            return self._train(gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, rank, world)
         finally:
+            if clips is not None:
+                clips.restore()
             qp.restore()
 
-    def _train(self, gm, ctx, qp, data, teacher, caps, feats, qk_names, rank, world) -> PassResult:
+    def _train(self, gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, rank, world) -> PassResult:
         adapters = qat_lora.make_adapters(qp, self.lora_rank, self.lora_alpha, self.seed) if self.lora_rank else {}
         osc = Oscillation(qp, self.osc_bits, self.damp, self.freeze, track=self.damp > 0 or self.freeze > 0)
         ti_steps = (self.intervene_steps or self.steps // 2) if self.intervene else 0
         n_out = len(flat_outputs(gm))
         views = {"ti": view(gm, caps, self.intervene, adapters)} if ti_steps else {}
         views["main"] = view(gm, caps[:len(feats) + len(qk_names)], (), adapters)
-        groups = qp.groups(self.lr, self.lr_quant)
+        groups = qp.groups(self.lr, self.lr_quant) + (clips.group(self.lr_clip) if clips else [])
         if adapters:
             groups.append({"params": [t for a, b, _ in adapters.values() for t in (a, b)], "lr": self.lr, "name": "lora"})
         if not groups:
@@ -147,17 +155,17 @@ class QAT(Pass):
         for g in groups:
             g["base_lr"] = g["lr"]
         opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay, fused=self.fused_adam)
-        names = set(qp.state()) | set(osc.tensors()) | set(qat_lora.tensors(adapters))
+        names = set(self._state(qp, clips, osc, adapters))
         fp = qat_checkpoint.fingerprint(gm)
         start, ckpt_path = 0, None
         if self.checkpoint_dir and self.resume:
             found = qat_checkpoint.load(self.checkpoint_dir, fp, names)
             if found:
                 start, stored, rec = found
-                qp.load(stored), osc.load(stored), qat_lora.load(adapters, stored)
+                self._load(stored, qp, clips, osc, adapters)
                 qat_checkpoint.load_optimizer(opt, stored, rec["param_groups"])
                 ckpt_path = f"{self.checkpoint_dir}/{rec['tensors']}"
-        good = {k: v.clone() for k, v in self._state(qp, osc, adapters).items()}
+        good = {k: v.clone() for k, v in self._state(qp, clips, osc, adapters).items()}
         losses, parts, t0 = [], {}, time.perf_counter()
         bar = tqdm(total=self.steps, initial=min(start, self.steps), desc="qat", unit="step", leave=False,
                    disable=None if rank == 0 else True)
@@ -175,7 +183,7 @@ class QAT(Pass):
                                               qk_names, osc, data.index(step, rank, world))
                 value = qat_dist.mean(loss, world)
                 if not math.isfinite(value):
-                    raise self._not_finite(step, value, parts, ckpt_path, qp, osc, adapters, good)
+                    raise self._not_finite(step, value, parts, ckpt_path, (qp, clips, osc, adapters), good)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 qp.before_step()
@@ -183,6 +191,8 @@ class QAT(Pass):
                     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.clip)
                 opt.step()
                 qp.after_step()
+                if clips is not None:
+                    clips.after_step()
                 osc.update()
                 losses.append(value)
                 bar.update(1)
@@ -190,7 +200,7 @@ class QAT(Pass):
                 done = step + 1
                 every = self.checkpoint_every and done % self.checkpoint_every == 0
                 if self.checkpoint_dir and (done == self.steps or every):
-                    ckpt_path = self._save(done, qp, osc, adapters, opt, fp, value, rank, world)
+                    ckpt_path = self._save(done, (qp, clips, osc, adapters), opt, fp, value, rank, world)
         finally:
             bar.close()
             osc.remove()
@@ -203,7 +213,8 @@ class QAT(Pass):
         details = {"steps": self.steps, "start_step": start, "losses": losses, "seconds": elapsed,
                    "steps_per_s": ran / elapsed if elapsed > 0 and ran else 0.0, "checkpoint": ckpt_path,
                    "oscillation": osc.stats(), "last_parts": {k: float(v.detach()) for k, v in parts.items()},
-                   "world_size": world, "qk_quantizers": qk_names}
+                   "world_size": world, "qk_quantizers": qk_names,
+                   "clip_ratios": clips.ratios() if clips is not None else {}}
         resumed = f" (resumed at step {start})" if start else ""
         summary = (f"{ran} steps{resumed}, loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses
                    else f"nothing to train: checkpoint at step {start} of {self.steps}")
@@ -249,25 +260,32 @@ class QAT(Pass):
 
     # ------------------------------------------------------------------ state
     @staticmethod
-    def _state(qp, osc, adapters) -> dict[str, torch.Tensor]:
-        return {**qp.state(), **osc.tensors(), **qat_lora.tensors(adapters)}
+    def _state(qp, clips, osc, adapters) -> dict[str, torch.Tensor]:
+        return {**qp.state(), **(clips.state() if clips else {}), **osc.tensors(), **qat_lora.tensors(adapters)}
 
-    def _save(self, step, qp, osc, adapters, opt, fp, loss, rank, world) -> str:
+    @staticmethod
+    def _load(tensors, qp, clips, osc, adapters) -> None:
+        qp.load(tensors), osc.load(tensors), qat_lora.load(adapters, tensors)
+        if clips is not None:
+            clips.load(tensors)
+
+    def _save(self, step, trained, opt, fp, loss, rank, world) -> str:
+        """Checkpoint `trained` = (qp, clips, osc, adapters) and the optimizer at `step`."""
         path = f"{self.checkpoint_dir}/qat-step{step:07d}.safetensors"
         if rank == 0:
             opt_tensors, groups = qat_checkpoint.optimizer_tensors(opt)
             record = {"fingerprint": fp, "pipeline": str(self), "loss": loss, "param_groups": groups, "world_size": world}
-            path = qat_checkpoint.save(self.checkpoint_dir, step, {**self._state(qp, osc, adapters), **opt_tensors}, record)
+            path = qat_checkpoint.save(self.checkpoint_dir, step, {**self._state(*trained), **opt_tensors}, record)
         qat_dist.barrier(world)
         return path
 
-    def _not_finite(self, step, value, parts, ckpt_path, qp, osc, adapters, good) -> TrainingError:
+    def _not_finite(self, step, value, parts, ckpt_path, trained, good) -> TrainingError:
         """Put the IR back to the last good state and describe the failure."""
         if ckpt_path:
             from safetensors.torch import load_file
 
             good = load_file(ckpt_path)
-        qp.load(good), osc.load(good), qat_lora.load(adapters, good)
+        self._load(good, *trained)
         terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
         kept = (f"the last good checkpoint is {ckpt_path}, and the IR holds its state" if ckpt_path
                 else "no checkpoint was written; the IR holds its state from before training")

@@ -199,3 +199,41 @@ def test_trained_model_compiles_to_the_fake_quant_outputs(digits_mlp, digits):
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max()), float((got - want).abs().max())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_ratios_of_run_time_quantizers_are_learned_and_deploy(symmetric):
+    """With lr_clip > 0 the clip ratio of every per-token and KV-cache quantizer is trained
+    (starting from fake-quant's a_clip / kv_clip) and written back in the constant form
+    calibrate's clip search writes (no trained attribute left in the IR); convert and the host
+    backend then compute exactly what that IR computes."""
+    from qcompiler.passes.calibrate import ClipSearch
+
+    torch.manual_seed(0)
+    block = zoo.TransformerBlock(d=32, heads=2, ffn=64).eval()
+    calib = [torch.randn(4, 6, 32) for _ in range(3)]
+    sym = str(symmetric).lower()
+    fq = f"fake-quant(w=4,a=4,a_granularity=token,a_symmetric={sym},ops=linear,kv=4,kv_symmetric={sym},a_clip=0.9,kv_clip=0.95)"
+    steps = f"{fq},calibrate,qat(steps=25,lr=1e-4,lr_clip=0.02,loss=distill,output_loss=mse)"
+    ctx = qc.PassContext(calib=calib, verify=False)
+    ir = qc.trace(block, (calib[0][:2],))
+    qc.PassManager.parse(steps).run(ir, ctx)
+    learned = ctx.results[-1][1].details["clip_ratios"]
+    quantizers = [n for n in ir.graph.nodes if ClipSearch.applies(n, kv=True)]
+    assert len(quantizers) == len(learned) >= 6  # 4 linear inputs... and the keys and values
+    assert all(0.05 <= c <= 1 for c in learned.values())
+    assert sum(abs(c - (0.95 if "kv" in n.meta["qc"]["granularity"] else 0.9)) > 1e-3
+               for n in quantizers for c in [learned[n.name]]) >= len(learned) // 2
+    for n in quantizers:
+        c = learned[n.name]
+        assert n.meta["qc"]["clip"] == c
+        div = n.args[1].args[0]
+        if symmetric:
+            assert div.args[1] == n.args[4] / c
+        else:
+            assert all(b.args[1] == c for b in div.args[0].args[:2])
+    assert not any("clip_ratio" in name for name, _ in list(ir.named_parameters()) + list(ir.named_buffers()))
+    x = torch.randn(2, 6, 32)
+    art = qc.compile(block, (x,), calib=calib, pipeline=f"{steps},convert")
+    with torch.no_grad():
+        assert torch.allclose(art(x), art.ir(x), rtol=1e-5, atol=1e-5)

@@ -273,6 +273,7 @@ def test_bad_training_input(mlp_setup, ctx, options, message):
     ("qat(lora_rank=4,freeze=0.1)", "freeze acts on the weights"),
     ("qat(loss=task,data=noise)", "loss=task needs targets"),
     ("qat(intervene_steps=3)", "intervene_steps needs intervene"),
+    ("qat(lr_clip=-0.1)", "lr_clip=-0.1: learning rates must be positive"),
 ])
 def test_conflicting_options(pipeline, message):
     """Options that cannot work together are refused when the pipeline is parsed."""
