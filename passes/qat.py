@@ -133,6 +133,10 @@ class QAT(Pass):
                                    self.teacher_cache_mb)
         qp = QuantParams(gm, self.quantizers, self.train_weights and not self.lora_rank, learn_acts=data.mode != "noise")
         clips = ClipRatios(gm) if self.lr_clip > 0 and data.mode != "noise" else None
+        if clips is not None and not clips.params:
+            qp.restore()
+            raise TrainingError(f"lr_clip={self.lr_clip} learns the clip ratios of run-time quantizers, and the IR "
+                                "has none: give fake-quant a_granularity=token or kv=<bits>, or leave lr_clip at 0")
         try:
             return self._train(gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, rank, world)
         finally:
@@ -147,7 +151,7 @@ class QAT(Pass):
         n_out = len(flat_outputs(gm))
         views = {"ti": view(gm, caps, self.intervene, adapters)} if ti_steps else {}
         views["main"] = view(gm, caps[:len(feats) + len(qk_names)], (), adapters)
-        groups = qp.groups(self.lr, self.lr_quant) + (clips.group(self.lr_clip) if clips else [])
+        groups = qp.groups(self.lr, self.lr_quant) + (clips.group(self.lr_clip) if clips is not None else [])
         if adapters:
             groups.append({"params": [t for a, b, _ in adapters.values() for t in (a, b)], "lr": self.lr, "name": "lora"})
         if not groups:
@@ -261,7 +265,7 @@ class QAT(Pass):
     # ------------------------------------------------------------------ state
     @staticmethod
     def _state(qp, clips, osc, adapters) -> dict[str, torch.Tensor]:
-        return {**qp.state(), **(clips.state() if clips else {}), **osc.tensors(), **qat_lora.tensors(adapters)}
+        return {**qp.state(), **(clips.state() if clips is not None else {}), **osc.tensors(), **qat_lora.tensors(adapters)}
 
     @staticmethod
     def _load(tensors, qp, clips, osc, adapters) -> None:

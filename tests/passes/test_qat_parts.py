@@ -257,6 +257,8 @@ def test_resume_from_another_models_checkpoint_is_refused(mlp_setup, tmp_path):
     ({"calib": [torch.randn(16, 8)]}, "loss=task", "loss=task .*needs targets"),
     ({}, "data=train", r"data=train needs PassContext\(train="),
     ({"calib": [torch.randn(16, 8)]}, "loss=edgeqat", "loss=edgeqat needs quantized attention"),
+    ({"calib": [torch.randn(16, 8)]}, "lr_clip=0.01", "lr_clip=0.01 learns the clip ratios of run-time quantizers, "
+     "and the IR has none"),
     ({"calib": [torch.randn(16, 8)]}, "distill_nodes=linear_9", "has no node 'linear_9' .*nodes like it: linear"),
 ])
 def test_bad_training_input(mlp_setup, ctx, options, message):
