@@ -250,6 +250,27 @@ def transfer(src, dst) -> int:
     return len(mine)
 
 
+def clip_ratios(ir) -> dict[str, float]:
+    """The clip ratio of each run-time quantizer of the IR (graph constants, which
+    load_state_dict does not carry), by node name."""
+    from qcompiler.passes.calibrate import ClipSearch
+
+    return {n.name: float(n.meta["qc"].get("clip", 1.0)) for n in ir.graph.nodes if ClipSearch.applies(n, kv=True)}
+
+
+def set_clip_ratios(ir, ratios: dict[str, float]) -> None:
+    """Write clip ratios (by node name: IRs traced at two lengths name their nodes alike)."""
+    from qcompiler.passes.calibrate import set_clip_ratio
+
+    nodes = {n.name: n for n in ir.graph.nodes}
+    missing = sorted(set(ratios) - set(nodes))
+    if missing:
+        raise SystemExit(f"the evaluation IR has no quantizer {missing[0]} (of {len(missing)}) of the training IR")
+    for name, c in ratios.items():
+        set_clip_ratio(nodes[name], c)
+    ir.recompile()
+
+
 def peak_rss_gb() -> float:
     import resource
 
@@ -302,8 +323,10 @@ def smollm2_table(args) -> None:
             qc.PassManager.parse(text).run(tr, qc.PassContext(calib=calib_tr, verify=False))
             transfer(ev, tr)  # QAT starts from exactly the PTQ row's model (its GPTQ-rounded weights, clips)
             tr_state = {k: v.clone() for k, v in tr.state_dict().items()}
+            tr_clips, ptq_clips = clip_ratios(tr), clip_ratios(ev)
             for loss in losses:
                 tr.load_state_dict(tr_state)
+                set_clip_ratios(tr, tr_clips)
                 ctx = qc.PassContext(train=train, verify=False)
                 opts = (f"steps={args.steps},lr={args.lr},lr_quant={args.lr_quant},loss={loss},data=train"
                         + (f",{args.qat_extra}" if args.qat_extra else ""))
@@ -315,14 +338,19 @@ def smollm2_table(args) -> None:
                     continue
                 moved = transfer(tr, ev)
                 d = ctx.results[-1][1].details
+                set_clip_ratios(ev, d["clip_ratios"])  # learned with lr_clip > 0
                 curve = d["losses"]
                 head, tail = np.mean(curve[:10]), np.mean(curve[-10:])
+                learned = [d["clip_ratios"][k] / ptq_clips[k] for k in d["clip_ratios"]]
+                moved_clips = (f"clip ratios x{min(learned):.3f}..x{max(learned):.3f} of PTQ's "
+                               f"(mean x{np.mean(learned):.3f}); " if learned else "")
                 rows.append((name, f"QAT {loss} `{opts}`", perplexity(ev, evals), qk_entropy(ev, [(evals[:1],)]),
                              d["steps_per_s"], f"loss {head:.3g} -> {tail:.3g} (mean of first/last 10); "
-                             f"peak RSS so far {peak_rss_gb():.1f} GB"))
+                             f"{moved_clips}peak RSS so far {peak_rss_gb():.1f} GB"))
                 print(f"  {rows[-1][:3]} {rows[-1][4:]} ({time.perf_counter() - t0:.0f} s, {moved} tensors moved)",
                       flush=True)
                 ev.load_state_dict(ptq_state)
+                set_clip_ratios(ev, ptq_clips)
     print(f"\nSmolLM2-135M perplexity on the first {args.windows} windows of 512 tokens (gensim Wikipedia); "
           f"QAT on {len(train)} sequences of {args.seq} tokens taken after the first 40 windows, batch 1, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}\n")

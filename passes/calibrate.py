@@ -252,14 +252,21 @@ class ClipSearch:
 
     def apply(self) -> float:
         c = self.ratios[int(torch.argmin(self.err))]
-        if self.sym:
-            self.div.update_arg(1, float(self.qmax) / c)
-        else:
-            _set_asymmetric_clip(self.fq.graph, self.div.args[0], c)
-        self.fq.meta["qc"].pop("clip", None)
-        if c != 1.0:
-            self.fq.meta["qc"]["clip"] = c
+        set_clip_ratio(self.fq, c)
         return c
+
+
+def set_clip_ratio(fq: torch.fx.Node, c: float) -> None:
+    """Write clip ratio c into the run-time quantizer fq (one `ClipSearch.applies` to), in the
+    constant form `dynamic_quant` builds, and record it as fq's meta "clip"."""
+    div = fq.args[1].args[0]
+    if fq.meta["qc"].get("symmetric"):
+        div.update_arg(1, float(fq.args[4]) / c)
+    else:
+        _set_asymmetric_clip(fq.graph, div.args[0], c)
+    fq.meta["qc"].pop("clip", None)
+    if c != 1.0:
+        fq.meta["qc"]["clip"] = c
 
 
 def _set_asymmetric_clip(graph, rng, c: float) -> None:

@@ -24,7 +24,7 @@ import torch.fx
 
 from qcompiler.ir import op_name
 
-from .calibrate import ClipSearch
+from .calibrate import ClipSearch, set_clip_ratio
 
 A = torch.ops.aten
 CLIP_MIN = 0.05  # the smallest clip ratio training may reach
@@ -101,19 +101,16 @@ class ClipRatios:
         g = self.gm.graph
         for fq, name, c_node, symmetric, nodes in self._edits:
             c = learned[fq.name]
-            if symmetric:
+            if symmetric:  # max|x| back in div's first place, then its constant qmax / c
                 div, m = nodes
                 div.update_arg(0, m.args[0])
-                div.update_arg(1, float(fq.args[4]) / c)
                 g.erase_node(m)
-            else:
+            else:  # the extremes' multipliers back to constants, then set to c
                 for m in nodes:
-                    m.update_arg(1, c)
+                    m.update_arg(1, 1.0)
+            set_clip_ratio(fq, c)
             g.erase_node(c_node)
             delattr(self.gm, name)
-            fq.meta["qc"].pop("clip", None)
-            if c != 1.0:
-                fq.meta["qc"]["clip"] = c
         self.gm.recompile()
         self._edits, self.params = [], {}
         return learned
