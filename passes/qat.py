@@ -15,7 +15,8 @@ One step on batch (x, y) (see the `qat_*` modules for each piece):
       + damping                                              damp > 0 (`qat_oscillation`)
     Adam step on weights (or low-rank adapters, `qat_lora`) at `lr`, on LSQ/LSQ+ scales and
     offsets at `lr_quant` (`qat_params`) and, with lr_clip > 0, on the clip ratios of the
-    run-time (per-token, KV-cache) quantizers at `lr_clip` (`qat_clips`), cosine-decayed; then
+    run-time (per-token, KV-cache) quantizers at `lr_clip` (`qat_clips`; not with data=noise,
+    which keeps every activation range as calibrated), cosine-decayed; then
     oscillation tracking/freezing.
     (AdamW's fused kernel by default: one pass over each tensor instead of about ten, the
     same update up to the last bit of rounding; fused_adam=false for torch's loop.)
