@@ -35,7 +35,7 @@ and repeatable (QEMU TCG plugin, see backends/icount.py).
 --vs-ort prints only qc w8a8 against onnxruntime's dynamic int8 and torch fp32 (the host cases,
 --only filters them), each the per-call minimum over interleaved rounds: on a shared machine the
 medians of the host table move by 10-30% between runs. Its w7a8 column (linear layers) is qc with
-per-channel 7-bit weights, on which the 3-op u8 x s8 kernel (onnxruntime's instruction mix) is
+per-channel 7-bit weights (quant="w7a8"), on which the 3-op u8 x s8 kernel (onnxruntime's instruction mix) is
 exact, where full-range 8-bit weights need the 4-op sign kernel. Then one input on which the u8 x s8
 instruction onnxruntime uses on AVX2 without VNNI (vpmaddubsw) overflows its int16 pair sums:
 what torch fp32, qc w8a8 and onnxruntime compute for it.
@@ -64,7 +64,6 @@ from qcompiler.ir import get_attr_tensor  # noqa: E402
 
 from host import RUNS, median_ms  # noqa: E402  (benchmarks/host.py: one timing helper)
 
-W7A8 = "fake-quant(w=7,a=8,granularity=channel),calibrate,convert"  # pairs |w0|+|w1| <= 128: u8s8 is exact
 SHAPES = [(768, 768, 1), (768, 768, 16), (3072, 768, 1), (3072, 768, 16)]  # (N out, K in, tokens)
 KERNEL_NUMBER, KERNEL_REPEATS = 5, 400  # short batches: the min is the uninterrupted time
 
@@ -280,8 +279,8 @@ def vs_ort_rows(only: str = "", rounds: int = 15, calls: int = 50) -> list[tuple
     for name, model, x in host_cases(only):
         art = qc.compile(model, x, quant="w8a8", calib=calib_for(x))
         fns = [lambda: art(x), ort_dynamic_int8(model, x), lambda: model(x)]
-        if isinstance(model, torch.nn.Sequential):  # 7-bit per-channel weights: the 3-op avx2_u8s8 kernel
-            w7 = qc.compile(model, x, calib=calib_for(x), pipeline=W7A8)
+        if isinstance(model, torch.nn.Sequential):  # 7-bit per-channel weights (pairs |w0|+|w1| <= 128):
+            w7 = qc.compile(model, x, quant="w7a8", calib=calib_for(x))  # the 3-op avx2_u8s8 kernel is exact
             fns.append(lambda: w7(x))
         best = [float("inf")] * len(fns)
         with torch.no_grad():

@@ -56,18 +56,21 @@ class QuantSpec:
     @classmethod
     def parse(cls, recipe: "str | QuantSpec") -> "QuantSpec":
         """'w8a8' (per channel), 'w4a8' (group 128), 'w4a8g64', 'w4a8g0' (per channel); without
-        a<bits> weight-only: 'w4' (group 128, as 'w4g128'), 'w2g64', 'w4g0' (per channel)."""
+        a<bits> weight-only: 'w4' (group 128, as 'w4g128'), 'w2g64', 'w4g0' (per channel).
+        Without g<group>, weights of 2-4 bits (packed) get groups of 128 and weights of 5-8 bits
+        (held in int8) one scale per channel, on which the int8 kernels run: 'w7a8' is the
+        7-bit per-channel recipe whose products fit x86's 3-instruction u8 x s8 dot."""
         if isinstance(recipe, QuantSpec):
             return recipe
         m = _RECIPE.match(str(recipe).strip().lower())
         if not m:
             raise QuantSpecError(
                 f"unknown quantization recipe {recipe!r}: write w<bits>[a<bits>][g<group>], e.g. "
-                "'w8a8', 'w4a8' (group 128), 'w4a8g64', weight-only 'w4g128' / 'w2g64', "
+                "'w8a8', 'w7a8' (per channel), 'w4a8' (group 128), 'w4a8g64', weight-only 'w4g128' / 'w2g64', "
                 "or pass a qcompiler.QuantSpec"
             )
         w, a = int(m.group(1)), (int(m.group(2)) if m.group(2) is not None else None)
-        g = int(m.group(3)) if m.group(3) is not None else (128 if w < 8 else 0)
+        g = int(m.group(3)) if m.group(3) is not None else (128 if w <= 4 else 0)
         return cls(w_bits=w, a_bits=a, group_size=g)
 
     def pipeline(self) -> str:

@@ -120,8 +120,11 @@ def test_bad_recipes(recipe, message):
 
 
 def test_recipe_parsing():
-    """'w4a8' means group 128; 'w8a8' per channel; pipeline text follows the spec."""
+    """'w4a8' means group 128; 'w8a8' and 'w5a8'..'w7a8' per channel (int8-held weights);
+    pipeline text follows the spec."""
     assert qc.QuantSpec.parse("w4a8").group_size == 128
+    assert [qc.QuantSpec.parse(f"w{b}a8").group_size for b in (2, 3, 5, 6, 7)] == [128, 128, 0, 0, 0]
+    assert qc.QuantSpec.parse("w7a8g128").group_size == 128
     assert qc.QuantSpec.parse("w8a8").pipeline() == "fold-batchnorm,fake-quant(w=8,a=8,granularity=channel),calibrate(observer=minmax),convert"
 
 
