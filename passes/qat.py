@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompiler.errors import QuantSpecError, TrainingError
-from qcompiler.ir import example_inputs
+from qcompiler.ir import example_inputs, op_name
 from qcompiler.pass_manager import Pass, PassResult, register
 from qcompiler.spec import check_bits
 
@@ -48,7 +48,7 @@ from . import qat_checkpoint, qat_dist, qat_lora
 from .qat_clips import ClipRatios
 from .qat_data import Batches, TeacherCache
 from .qat_graph import attention_qk, flat_outputs, float_teacher, require_nodes, snap_biases, teacher_name, view
-from .qat_losses import distill_output, distribution_loss, entropy_loss, feature_loss, task_loss
+from .qat_losses import code_grids, distill_output, distribution_loss, entropy_loss, feature_loss, task_loss
 from .qat_oscillation import Oscillation
 from .qat_params import QuantParams, fake_quants
 
@@ -124,7 +124,9 @@ class QAT(Pass):
                                 "has none; use loss=distill")
         nodes = {n.name: n for n in gm.graph.nodes}
         feats = list(self.distill_nodes)
-        qk_names = [n.name for pair in qk for n in pair]
+        qk_fqs = [n for pair in qk for n in pair if op_name(n) == "qc.fake_quant"]
+        qk_names = [n.name for n in qk_fqs]
+        grids = code_grids(qk_fqs)
         caps = feats + qk_names + list(self.intervene)
         require_nodes(nodes, caps)
         teacher = None
@@ -139,19 +141,20 @@ class QAT(Pass):
             raise TrainingError(f"lr_clip={self.lr_clip} learns the clip ratios of run-time quantizers, and the IR "
                                 "has none: give fake-quant a_granularity=token or kv=<bits>, or leave lr_clip at 0")
         try:
-            return self._train(gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, rank, world)
+            return self._train(gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, grids, rank, world)
         finally:
             if clips is not None:
                 clips.restore()
             qp.restore()
 
-    def _train(self, gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, rank, world) -> PassResult:
+    def _train(self, gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, grids, rank, world) -> PassResult:
         adapters = qat_lora.make_adapters(qp, self.lora_rank, self.lora_alpha, self.seed) if self.lora_rank else {}
         osc = Oscillation(qp, self.osc_bits, self.damp, self.freeze, track=self.damp > 0 or self.freeze > 0)
         ti_steps = (self.intervene_steps or self.steps // 2) if self.intervene else 0
         n_out = len(flat_outputs(gm))
-        views = {"ti": view(gm, caps, self.intervene, adapters)} if ti_steps else {}
-        views["main"] = view(gm, caps[:len(feats) + len(qk_names)], (), adapters)
+        grid_names = [name for g in grids for name in g.names]
+        views = {"ti": view(gm, caps + grid_names, self.intervene, adapters)} if ti_steps else {}
+        views["main"] = view(gm, caps[:len(feats) + len(qk_names)] + grid_names, (), adapters)
         groups = qp.groups(self.lr, self.lr_quant) + (clips.group(self.lr_clip) if clips is not None else [])
         if adapters:
             groups.append({"params": [t for a, b, _ in adapters.values() for t in (a, b)], "lr": self.lr, "name": "lora"})
@@ -185,7 +188,7 @@ class QAT(Pass):
                     g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / self.steps))
                 inputs, target = data.get(step, rank, world)
                 loss, parts = self._step_loss(model, teacher, inputs, target, ctx, phase, n_out, caps, feats,
-                                              qk_names, osc, data.index(step, rank, world))
+                                              qk_names, grids, osc, data.index(step, rank, world))
                 value = qat_dist.mean(loss, world)
                 if not math.isfinite(value):
                     raise self._not_finite(step, value, parts, ckpt_path, (qp, clips, osc, adapters), good)
@@ -226,7 +229,8 @@ class QAT(Pass):
         return PassResult(True, summary, details)
 
     # ------------------------------------------------------------------ one step
-    def _step_loss(self, model, teacher, inputs, target, ctx, phase, n_out, caps, feats, qk_names, osc, key=None):
+    def _step_loss(self, model, teacher, inputs, target, ctx, phase, n_out, caps, feats, qk_names, grids, osc,
+                   key=None):
         t_vals = {}
         t_outs = None
         if teacher is not None:
@@ -235,7 +239,8 @@ class QAT(Pass):
         extra = [t_vals[n] for n in self.intervene] if phase == "ti" else []
         s_all = model(*inputs, *extra)
         s_outs = s_all[:n_out]
-        s_vals = dict(zip(caps if phase == "ti" else caps[:len(feats) + len(qk_names)], s_all[n_out:]))
+        s_caps = (caps if phase == "ti" else caps[:len(feats) + len(qk_names)]) + [n for g in grids for n in g.names]
+        s_vals = dict(zip(s_caps, s_all[n_out:]))
         parts = {}
         try:
             if self.loss == "task":
@@ -249,7 +254,7 @@ class QAT(Pass):
                 parts["features"] = self.feature_weight * sum(feature_loss(s_vals[n], t_vals[n]) for n in feats)
             if qk_names:
                 qs = [s_vals[n] for n in qk_names]
-                parts["entropy"] = self.entropy_weight * entropy_loss(qs)
+                parts["entropy"] = self.entropy_weight * entropy_loss([g.codes(s_vals) for g in grids])
                 parts["distribution"] = self.distribution_weight * distribution_loss(qs, [t_vals[n] for n in qk_names])
         except TrainingError:
             raise

@@ -6,11 +6,16 @@
 - distillation (Hinton et al. 2015): on the output, T^2 * KL(softmax(t/T) || softmax(s/T))
   over the last dimension (or MSE); on chosen intermediates, the MSE normalized by the
   teacher's mean square, sum ||s - t||^2 / sum ||t||^2, so layers of any scale weigh alike.
-- EdgeQAT (Shen et al. 2024) on the quantized queries and keys of attention: the
-  entropy-guided loss maximizes their entropy, which for a Gaussian of variance v is
-  1/2 log(2 pi e v), so the loss is -1/2 log v per head; the distribution-guided loss matches
-  each head's quantized distribution to the float one, as the KL divergence of the Gaussian
-  fits, KL(N(mt, vt) || N(ms, vs)) = 1/2 (log(vs/vt) + (vt + (mt - ms)^2) / vs - 1).
+- EdgeQAT (Shen et al. 2024) on the quantized queries and keys of attention (the operands
+  of q @ k^T that are fake-quant outputs): the entropy-guided loss maximizes the entropy of
+  their integer codes c = x/s + z (before rounding); for a Gaussian fit of variance v (in steps of the grid)
+  that is 1/2 log(2 pi e v), so the loss is -1/2 log v per head. On a fixed grid this is
+  EdgeQAT's -1/2 log var(x) up to a constant (a learned static step is held out of it, so it
+  shapes x, not the grid); on a run-time grid, whose step follows each row's range, it
+  rewards codes that fill the grid, where var(x) alone would only scale the attention logits.
+  The distribution-guided loss matches each head's quantized distribution to the float one,
+  as the KL divergence of the Gaussian fits,
+  KL(N(mt, vt) || N(ms, vs)) = 1/2 (log(vs/vt) + (vt + (mt - ms)^2) / vs - 1).
 
 `code_entropy` measures what the entropy loss aims at, on the integer codes themselves: the
 Shannon entropy in bits of their histogram (at most the bit width).
@@ -18,10 +23,14 @@ Shannon entropy in bits of their histogram (at most the bit width).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from qcompiler.errors import TrainingError
+from qcompiler.ops import _expand_groups
 
 
 def task_loss(output: torch.Tensor, target, loss_fn=None) -> torch.Tensor:
@@ -66,9 +75,45 @@ def _head_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(-1), x.var(-1, unbiased=False)
 
 
-def entropy_loss(quantized: list[torch.Tensor]) -> torch.Tensor:
-    """-1/2 log(variance) per head, averaged: minimizing it maximizes the Gaussian entropy."""
-    terms = [-0.5 * torch.log(_head_moments(q)[1] + 1e-8).mean() for q in quantized]
+@dataclass(frozen=True)
+class CodeGrid:
+    """The grid of one quantized query or key: `names` are the nodes the student view captures
+    for it, the fake-quant's input, scale and (unless it is a literal, kept as `zero`) zero point."""
+
+    names: tuple[str, ...]
+    zero: float
+    qmin: int
+    qmax: int
+    group_size: int
+    static: bool
+
+    def codes(self, values: dict) -> torch.Tensor:
+        """clamp(x/s + z): the integer codes before rounding (their variance is the codes' less
+        the rounding's 1/12), differentiable in x, and in s and z where they are computed from
+        x at run time; a static step is held fixed, so the loss shapes x, not the grid."""
+        x, s = values[self.names[0]], values[self.names[1]]
+        z = values[self.names[2]] if len(self.names) > 2 else torch.tensor(self.zero)
+        if self.static:
+            s, z = s.detach(), z.detach()
+        c = x / _expand_groups(s, x, self.group_size) + _expand_groups(z, x, self.group_size)
+        return c.clamp(self.qmin, self.qmax)
+
+
+def code_grids(fqs: list[torch.fx.Node]) -> list[CodeGrid]:
+    grids = []
+    for fq in fqs:
+        x, scale, zero, qmin, qmax = fq.args[:5]
+        node_zero = isinstance(zero, torch.fx.Node)
+        names = (x.name, scale.name) + ((zero.name,) if node_zero else ())
+        group = fq.args[5] if len(fq.args) > 5 else fq.kwargs.get("group_size", 0)
+        grids.append(CodeGrid(names, 0.0 if node_zero else float(zero), qmin, qmax, group, scale.op == "get_attr"))
+    return grids
+
+
+def entropy_loss(codes: list[torch.Tensor]) -> torch.Tensor:
+    """-1/2 log(variance) of the codes per head, averaged: minimizing it maximizes their
+    Gaussian entropy."""
+    terms = [-0.5 * torch.log(_head_moments(c)[1] + 1e-8).mean() for c in codes]
     return torch.stack(terms).mean()
 
 

@@ -122,6 +122,56 @@ def test_edgeqat_finds_queries_and_keys_and_trains():
     assert res.details["qk_quantizers"] == [q.name, k.name]
 
 
+def test_edgeqat_entropy_acts_on_the_codes_of_quantized_operands_only():
+    """With a quantized KV cache and float queries, the EdgeQAT terms act on the keys alone. The
+    entropy term reads the integer codes (x/s + z, what `qk_entropy` reports), so on a run-time
+    grid it does not change when the keys are scaled, and a learned static step gets no
+    gradient from it."""
+    from qcompiler.passes.qat_losses import code_grids, entropy_loss
+
+    torch.manual_seed(0)
+    block = zoo.TransformerBlock(d=32, heads=2, ffn=64).eval()
+    calib = [torch.randn(4, 6, 32) for _ in range(3)]
+    ir = _quantized(block, calib[0][:2], "fake-quant(w=4,a=8,ops=linear,a_granularity=token,kv=4)", calib)
+    (q, k), = attention_qk(ir)
+    assert op_name(q) != "qc.fake_quant" and op_name(k) == "qc.fake_quant"
+    grid, = code_grids([k])
+    assert not grid.static
+    x = calib[0]
+    with torch.no_grad():
+        _, kq, *vals = view(ir, [k.name, *grid.names], what="probe")(x)
+    codes = grid.codes(dict(zip(grid.names, vals)))
+    assert torch.allclose(torch.round(codes) * vals[1] - vals[1] * vals[2], kq, atol=1e-5)  # what the fake-quant gives
+    assert k.args[3] <= codes.min() and codes.max() <= k.args[4]
+    # the run-time grid follows the keys: scaling k_proj's output leaves the codes and the loss as they are
+    k_in = k.args[0]
+    scaled = copy_ir(ir)
+    node = next(n for n in scaled.graph.nodes if n.name == k_in.name)
+    with scaled.graph.inserting_after(node):
+        big = scaled.graph.call_function(torch.ops.aten.mul.Tensor, (node, 10.0))
+    node.replace_all_uses_with(big, delete_user_cb=lambda u: u is not big)
+    scaled.recompile()
+    with torch.no_grad():
+        _, kq10, *vals10 = view(scaled, [k.name, big.name, *grid.names[1:]], what="probe")(x)
+    assert torch.allclose(kq10, 10 * kq, rtol=1e-4, atol=1e-5)
+    loss = entropy_loss([codes])
+    assert float(entropy_loss([grid.codes(dict(zip(grid.names, vals10)))])) == pytest.approx(float(loss), abs=1e-4)
+    assert float(entropy_loss([kq10])) != pytest.approx(float(entropy_loss([kq])), abs=0.5)  # var(x) would move
+    res = _qat(ir, "steps=4,lr=1e-4,loss=edgeqat,output_loss=mse", calib=calib)
+    assert res.details["qk_quantizers"] == [k.name]
+    assert set(res.details["last_parts"]) == {"distill", "entropy", "distribution"}
+    # a learned static step is held out of the entropy term
+    static = _quantized(block, calib[0][:2], "fake-quant(w=4,a=4)", calib)
+    (sq, _), = attention_qk(static)
+    sgrid, = code_grids([sq])
+    assert sgrid.static
+    scale = get_attr_tensor(static, sq.args[1]).clone().requires_grad_(True)  # as LSQ trains it
+    zero = get_attr_tensor(static, sq.args[2])
+    xs = view(static, [sq.args[0].name], what="probe")(x)[1].detach().requires_grad_(True)
+    entropy_loss([sgrid.codes(dict(zip(sgrid.names, (xs, scale, zero))))]).backward()
+    assert scale.grad is None and float(xs.grad.abs().sum()) > 0
+
+
 def test_teacher_intervention_feeds_teacher_values_then_withdraws(digits_mlp, digits):
     """The intervention view computes the student with the teacher's value at the node; a run
     with intervene trains phase 1 with the intervention loss and ends in the plain student."""
