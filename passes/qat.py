@@ -153,8 +153,9 @@ class QAT(Pass):
         ti_steps = (self.intervene_steps or self.steps // 2) if self.intervene else 0
         n_out = len(flat_outputs(gm))
         grid_names = [name for g in grids for name in g.names]
-        views = {"ti": view(gm, caps + grid_names, self.intervene, adapters)} if ti_steps else {}
-        views["main"] = view(gm, caps[:len(feats) + len(qk_names)] + grid_names, (), adapters)
+        captures = {"ti": caps + grid_names, "main": caps[:len(feats) + len(qk_names)] + grid_names}
+        views = {"ti": view(gm, captures["ti"], self.intervene, adapters)} if ti_steps else {}
+        views["main"] = view(gm, captures["main"], (), adapters)
         groups = qp.groups(self.lr, self.lr_quant) + (clips.group(self.lr_clip) if clips is not None else [])
         if adapters:
             groups.append({"params": [t for a, b, _ in adapters.values() for t in (a, b)], "lr": self.lr, "name": "lora"})
@@ -187,8 +188,9 @@ class QAT(Pass):
                 for g in opt.param_groups:  # cosine decay to zero over the run
                     g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / self.steps))
                 inputs, target = data.get(step, rank, world)
-                loss, parts = self._step_loss(model, teacher, inputs, target, ctx, phase, n_out, caps, feats,
-                                              qk_names, grids, osc, data.index(step, rank, world))
+                loss, parts = self._step_loss(model, teacher, inputs, target, ctx, phase, n_out, caps,
+                                              captures[phase], feats, qk_names, grids, osc,
+                                              data.index(step, rank, world))
                 value = qat_dist.mean(loss, world)
                 if not math.isfinite(value):
                     raise self._not_finite(step, value, parts, ckpt_path, (qp, clips, osc, adapters), good)
@@ -229,8 +231,8 @@ class QAT(Pass):
         return PassResult(True, summary, details)
 
     # ------------------------------------------------------------------ one step
-    def _step_loss(self, model, teacher, inputs, target, ctx, phase, n_out, caps, feats, qk_names, grids, osc,
-                   key=None):
+    def _step_loss(self, model, teacher, inputs, target, ctx, phase, n_out, caps, s_caps, feats, qk_names, grids,
+                   osc, key=None):
         t_vals = {}
         t_outs = None
         if teacher is not None:
@@ -239,7 +241,6 @@ class QAT(Pass):
         extra = [t_vals[n] for n in self.intervene] if phase == "ti" else []
         s_all = model(*inputs, *extra)
         s_outs = s_all[:n_out]
-        s_caps = (caps if phase == "ti" else caps[:len(feats) + len(qk_names)]) + [n for g in grids for n in g.names]
         s_vals = dict(zip(s_caps, s_all[n_out:]))
         parts = {}
         try:
