@@ -40,14 +40,14 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompiler.errors import QuantSpecError, TrainingError
-from qcompiler.ir import example_inputs, op_name
+from qcompiler.ir import example_inputs
 from qcompiler.pass_manager import Pass, PassResult, register
 from qcompiler.spec import check_bits
 
 from . import qat_checkpoint, qat_dist, qat_lora
 from .qat_clips import ClipRatios
 from .qat_data import Batches, TeacherCache
-from .qat_graph import attention_qk, flat_outputs, float_teacher, require_nodes, snap_biases, teacher_name, view
+from .qat_graph import flat_outputs, float_teacher, quantized_qk, require_nodes, snap_biases, teacher_name, view
 from .qat_losses import code_grids, distill_output, distribution_loss, entropy_loss, feature_loss, task_loss
 from .qat_oscillation import Oscillation
 from .qat_params import QuantParams, fake_quants
@@ -117,14 +117,13 @@ class QAT(Pass):
         if (self.loss == "task" or self.task_weight > 0) and not data.has_targets:
             raise TrainingError(f"loss=task (or task_weight>0) needs targets: give PassContext(train=[(inputs..., "
                                 f"target), ...]); the {data.mode} data has none. Or use loss=distill.")
-        qk = attention_qk(gm) if self.loss == "edgeqat" else []
-        if self.loss == "edgeqat" and not qk:
+        qk_fqs = quantized_qk(gm) if self.loss == "edgeqat" else []
+        if self.loss == "edgeqat" and not qk_fqs:
             raise TrainingError("loss=edgeqat needs quantized attention (queries or keys through a fake-quant before "
                                 "the matmul that feeds a softmax: fake-quant with ops=matmul, or kv=<bits>), and the IR "
                                 "has none; use loss=distill")
         nodes = {n.name: n for n in gm.graph.nodes}
         feats = list(self.distill_nodes)
-        qk_fqs = [n for pair in qk for n in pair if op_name(n) == "qc.fake_quant"]
         qk_names = [n.name for n in qk_fqs]
         grids = code_grids(qk_fqs)
         caps = feats + qk_names + list(self.intervene)

@@ -179,22 +179,27 @@ def attention_qk(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx
     return pairs
 
 
+def quantized_qk(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The fake-quants among the (query, key) operands of `attention_qk`: what EdgeQAT's terms act on."""
+    return [x for pair in attention_qk(gm) for x in pair if op_name(x) == "qc.fake_quant"]
+
+
 @torch.no_grad()
 def qk_entropy(gm: torch.fx.GraphModule, batches: list[tuple]) -> dict[str, float]:
     """Mean Shannon entropy (bits) of the integer codes of every quantized query and key
     (`qat_losses.code_entropy`), over `batches`: what EdgeQAT's entropy loss raises."""
-    from .qat_losses import code_entropy
+    from .qat_losses import code_entropy, code_grids
 
-    fqs = [x for pair in attention_qk(gm) for x in pair if op_name(x) == "qc.fake_quant"]
+    fqs = quantized_qk(gm)
     if not fqs:
         return {}
-    names = [a.name for fq in fqs for a in fq.args[:3]]
+    grids = code_grids(fqs)
+    names = [name for g in grids for name in g.names]
     v = view(gm, names, what="entropy probe")
     n_out = len(flat_outputs(gm))
     sums = {fq.name: 0.0 for fq in fqs}
     for batch in batches:
-        vals = v(*batch)[n_out:]
-        for i, fq in enumerate(fqs):
-            x, s, z = vals[3 * i: 3 * i + 3]
-            sums[fq.name] += code_entropy(x, s, z, fq.args[3], fq.args[4])
+        values = dict(zip(names, v(*batch)[n_out:]))
+        for fq, g in zip(fqs, grids):
+            sums[fq.name] += code_entropy(g.codes(values), g.qmin, g.qmax)
     return {k: s / len(batches) for k, s in sums.items()}

@@ -129,9 +129,9 @@ def distribution_loss(quantized: list[torch.Tensor], floats: list[torch.Tensor])
 
 
 @torch.no_grad()
-def code_entropy(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> float:
-    """Shannon entropy (bits) of the integer codes quantize(x) takes."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).flatten().long() - qmin
+def code_entropy(codes: torch.Tensor, qmin: int, qmax: int) -> float:
+    """Shannon entropy (bits) of the integer codes round(`codes`) (`CodeGrid.codes`) take."""
+    q = torch.round(codes).flatten().long() - qmin
     p = torch.bincount(q, minlength=qmax - qmin + 1).double()
     p = p[p > 0] / p.sum()
     return float(-(p * p.log2()).sum())

@@ -10,7 +10,7 @@ import torch
 import qcompiler as qc
 from qcompiler import zoo
 from qcompiler.ir import add_constant, copy_ir, get_attr_tensor, op_name
-from qcompiler.passes.qat_graph import attention_qk, float_teacher, view
+from qcompiler.passes.qat_graph import attention_qk, float_teacher, qk_entropy, view
 from qcompiler.passes.qat_lora import make_adapters, merge
 from qcompiler.passes.qat_params import QuantParams, fake_quants
 
@@ -143,6 +143,10 @@ def test_edgeqat_entropy_acts_on_the_codes_of_quantized_operands_only():
     codes = grid.codes(dict(zip(grid.names, vals)))
     assert torch.allclose(torch.round(codes) * vals[1] - vals[1] * vals[2], kq, atol=1e-5)  # what the fake-quant gives
     assert k.args[3] <= codes.min() and codes.max() <= k.args[4]
+    from_output = torch.round(kq / vals[1] + vals[2]).flatten().long()  # qk_entropy reports these codes' entropy
+    p = torch.bincount(from_output - k.args[3]).double()
+    p = p[p > 0] / p.sum()
+    assert qk_entropy(ir, [(x,)]) == {k.name: pytest.approx(float(-(p * p.log2()).sum()), abs=1e-6)}
     # the run-time grid follows the keys: scaling k_proj's output leaves the codes and the loss as they are
     k_in = k.args[0]
     scaled = copy_ir(ir)
