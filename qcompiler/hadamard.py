@@ -106,21 +106,39 @@ def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
     return (torch.kron(_small_table()[m], hp) / math.sqrt(n)).to(dtype)
 
 
-def hadamard_reference(x: torch.Tensor, size: int) -> torch.Tensor:
-    """y = x R per block of `size` consecutive elements of the last dim (float32 in, out)."""
-    m, p = factor(size)
-    shape = x.shape
-    t = x.reshape(-1, m, p)
+CHUNK_ELEMENTS = 1 << 17  # rows are transformed in chunks of about this many floats (512 KB) that stay in cache
+
+
+def _butterflies(t: torch.Tensor, p: int) -> torch.Tensor:
+    """Walsh-Hadamard butterflies (a, b) -> (a + b, a - b) along the last dim of (rows, m, p)."""
     h = 1
-    while h < p:  # Walsh-Hadamard butterflies: (a, b) -> (a + b, a - b)
-        v = t.reshape(t.shape[0], m, p // (2 * h), 2, h)
-        a, b = v[..., 0, :], v[..., 1, :]
-        t = torch.stack([a + b, a - b], dim=-2).reshape(t.shape[0], m, p)
-        h *= 2
-    if m > 1:
-        hm = small_matrix(m).to(t.dtype)
-        acc = torch.zeros_like(t)
-        for a in range(m):  # y[:, c, :] = sum_a H_m[a, c] * t[:, a, :], in order a = 0..m-1
-            acc = acc + hm[a].reshape(1, m, 1) * t[:, a : a + 1, :]
-        t = acc
-    return (t * torch.tensor(1.0 / math.sqrt(size), dtype=t.dtype)).reshape(shape)
+    while h < p:
+        v = t.view(t.shape[0], t.shape[1], p // (2 * h), 2, h)
+        out = torch.empty_like(t)
+        o = out.view(v.shape)
+        torch.add(v[..., 0, :], v[..., 1, :], out=o[..., 0, :])
+        torch.sub(v[..., 0, :], v[..., 1, :], out=o[..., 1, :])
+        t, h = out, h * 2
+    return t
+
+
+def hadamard_reference(x: torch.Tensor, size: int) -> torch.Tensor:
+    """y = x R per block of `size` consecutive elements of the last dim (float32 in, out).
+
+    Every float operation is in the order the module docstring fixes; rows are independent,
+    so they are done in cache-sized chunks, which changes no result bit."""
+    m, p = factor(size)
+    flat = x.reshape(-1, m, p)
+    out = torch.empty_like(flat)
+    hm = small_matrix(m).to(flat.dtype)
+    inv = torch.tensor(1.0 / math.sqrt(size), dtype=flat.dtype)
+    rows = max(1, CHUNK_ELEMENTS // size)
+    for r in range(0, flat.shape[0], rows):
+        t = _butterflies(flat[r : r + rows], p)
+        if m > 1:  # y[:, c, :] = sum_a H_m[a, c] * t[:, a, :], in order a = 0..m-1 from 0 (H_m is +-1: exact products)
+            acc = torch.zeros_like(t)
+            for a in range(m):
+                acc.addcmul_(hm[a].reshape(1, m, 1), t[:, a : a + 1, :])
+            t = acc
+        torch.mul(t, inv, out=out[r : r + rows])
+    return out.reshape(x.shape)

@@ -29,6 +29,20 @@ def test_blocks_of_the_last_dim():
     assert torch.equal(y[:, 64:128], hadamard_reference(x[:, 64:128], 64))
 
 
+def test_rows_done_in_chunks_give_the_bits_of_each_row_alone(monkeypatch):
+    """The reference transforms rows in cache-sized chunks; a row's result does not depend
+    on which chunk it falls in (nor do signed zeros)."""
+    import qcompiler.hadamard as hd
+
+    monkeypatch.setattr(hd, "CHUNK_ELEMENTS", 3 * 576 + 1)  # 3 rows per chunk, the last one short
+    x = torch.randn(7, 2 * 576) * torch.logspace(-3, 3, 7)[:, None]
+    x[0, :2] = torch.tensor([0.0, -0.0])
+    y = hadamard_reference(x, 576)
+    alone = torch.cat([hadamard_reference(r[None], 576) for r in x])
+    assert torch.equal(y.view(torch.int32), alone.view(torch.int32))
+    assert torch.allclose(y.double(), (x.double().reshape(14, 576) @ hadamard_matrix(576)).reshape(7, -1), atol=1e-3)
+
+
 def test_sizes_without_a_matrix_are_refused():
     """10 = 5 * 2 and 18 = 9 * 2 have no known Hadamard factor."""
     assert 5 not in small_orders() and factor(10) is None and factor(18) is None
