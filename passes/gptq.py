@@ -254,6 +254,7 @@ class GPTQ(Pass):
         err, q, scale = best
         if self.clip or self.search or self.refit:
             fq.update_arg(1, add_constant(gm, f"{lin.name}_clip_scale", scale, fq))
+        fq.meta["qc"].setdefault("float_weight", fq.args[0].target)  # kept for QAT's float teacher
         fq.update_arg(0, add_constant(gm, f"{lin.name}_gptq_weight", q.float(), fq))
         return q, err, proxy_error(w, rtn, h)
 

@@ -15,7 +15,9 @@ training the view trains the IR) and returns `(outputs..., captured values...)`:
   arithmetic, and `snap_biases` puts the IR's biases on the grid when training ends.
 
 `float_teacher` is the default teacher: a copy of the IR with every `qc.fake_quant` bypassed,
-i.e. the float model the IR was traced from (with batch norms folded), taken before training.
+i.e. the float model the IR was traced from (with batch norms folded), taken before training;
+where gptq replaced a weight by its rounded copy, the teacher reads the float weight gptq kept
+(`meta["qc"]["float_weight"]`), not the rounded one.
 """
 
 from __future__ import annotations
@@ -35,11 +37,16 @@ def flat_outputs(gm: torch.fx.GraphModule) -> list:
 
 
 def float_teacher(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A frozen float copy of a fake-quant IR: every `qc.fake_quant` replaced by its input."""
+    """A frozen float copy of a fake-quant IR: every `qc.fake_quant` replaced by its input,
+    or by the float weight a rounding pass (gptq) replaced with its rounded one."""
     t = copy_ir(gm)
     for n in list(t.graph.nodes):
         if n.op == "call_function" and op_name(n) == "qc.fake_quant":
-            n.replace_all_uses_with(n.args[0])
+            src = n.args[0]
+            if "float_weight" in n.meta.get("qc", {}):
+                with t.graph.inserting_before(n):
+                    src = t.graph.get_attr(n.meta["qc"]["float_weight"])
+            n.replace_all_uses_with(src)
             t.graph.erase_node(n)
     cleanup(t)
     for p in list(t.parameters()) + list(t.buffers()):

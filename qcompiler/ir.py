@@ -222,9 +222,11 @@ def add_constant(gm: torch.fx.GraphModule, hint: str, value: torch.Tensor, befor
 
 
 def cleanup(gm: torch.fx.GraphModule) -> None:
-    """Remove dead nodes and buffers/parameters no node reads any more; recompile."""
+    """Remove dead nodes and buffers/parameters no node reads any more (nor names as the
+    float weight behind a rounded one, `meta["qc"]["float_weight"]`); recompile."""
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used |= {n.meta["qc"]["float_weight"] for n in gm.graph.nodes if "float_weight" in n.meta.get("qc", {})}
     for name, _ in list(gm.named_buffers()) + list(gm.named_parameters()):
         if name not in used:
             owner_path, _, leaf = name.rpartition(".")

@@ -97,13 +97,7 @@ def ir_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> torch.fx.Grap
         raise ArtifactError(f"IR format {graph.get('format')!r} is not the supported format {FORMAT}")
     root = torch.nn.Module()
     for name, t in tensors.items():
-        owner = root
-        *path, leaf = name.split(".")
-        for p in path:
-            if not hasattr(owner, p):
-                owner.add_module(p, torch.nn.Module())
-            owner = getattr(owner, p)
-        owner.register_buffer(leaf, t)
+        _register(root, name, t)
     g = torch.fx.Graph()
     env: dict[str, torch.fx.Node] = {}
     try:
@@ -126,4 +120,19 @@ def ir_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> torch.fx.Grap
             env[e["name"]] = node
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"the stored IR is malformed: {type(err).__name__}: {err}") from err
-    return torch.fx.GraphModule(root, g)
+    gm = torch.fx.GraphModule(root, g)  # copies the tensors nodes read; the ones meta names (float weights) too:
+    for name in {n.meta["qc"]["float_weight"] for n in g.nodes if "float_weight" in n.meta.get("qc", {})}:
+        if name in tensors:
+            _register(gm, name, tensors[name])
+    return gm
+
+
+def _register(root: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    """Register `t` as the buffer `name` (a dotted path) of `root`, creating submodules."""
+    owner = root
+    *path, leaf = name.split(".")
+    for p in path:
+        if not hasattr(owner, p):
+            owner.add_module(p, torch.nn.Module())
+        owner = getattr(owner, p)
+    owner.register_buffer(leaf, t)

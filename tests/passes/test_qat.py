@@ -10,6 +10,7 @@ import torch
 import qcompiler as qc
 from qcompiler import zoo
 from qcompiler.ir import add_constant, copy_ir, get_attr_tensor, op_name
+from qcompiler.serialize import ir_from_json, ir_to_json
 from qcompiler.passes.qat_graph import attention_qk, float_teacher, qk_entropy, view
 from qcompiler.passes.qat_lora import make_adapters, merge
 from qcompiler.passes.qat_params import QuantParams, fake_quants
@@ -103,6 +104,37 @@ def test_a_given_teacher_is_traced_and_matches_the_default(digits_mlp, digits):
         ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=3,a=4)", flat)
         runs.append(_qat(ir, "steps=6,lr=1e-3,distill_nodes=linear_1", calib=flat, teacher=teacher).details["losses"])
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_after_gptq_the_default_teacher_reads_the_float_weights(digits_mlp, digits):
+    """gptq replaces each weight by its rounded copy; the default teacher still computes the
+    float model (the weights gptq kept), distills exactly as the traced float model does, and
+    convert drops the kept float weights."""
+    x, _, _, _, calib, _ = digits
+    flat = [c.flatten(1) for c in calib]
+    runs = []
+    for teacher in (None, digits_mlp):
+        ir = _quantized(digits_mlp, x[:2].flatten(1), "fake-quant(w=3,a=4),gptq", flat)
+        kept = {n.meta["qc"]["float_weight"] for n in fake_quants(ir, "weight")}
+        assert len(kept) == 3 and all(k in dict(ir.named_buffers()) | dict(ir.named_parameters()) for k in kept)
+        if teacher is None:
+            with torch.no_grad():
+                xs = x[:64].flatten(1)
+                assert torch.allclose(float_teacher(ir)(xs), digits_mlp(xs), atol=1e-5)
+                bypassed = copy_ir(ir)  # what the teacher was before: the rounded weights, quantizers bypassed
+                for n in fake_quants(bypassed):
+                    n.replace_all_uses_with(n.args[0])
+                    bypassed.graph.erase_node(n)
+                bypassed.recompile()
+                assert (bypassed(xs) - digits_mlp(xs)).abs().max() > 1e-2
+                stored = ir_from_json(*ir_to_json(ir))  # the kept weights survive saving the IR
+                (out,) = float_teacher(stored)(xs)  # a stored IR returns its flat outputs
+                assert torch.allclose(out, digits_mlp(xs), atol=1e-5)
+        runs.append(_qat(ir, "steps=6,lr=1e-3", calib=flat, teacher=teacher).details["losses"])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    qc.PassManager.parse("convert").run(ir, qc.PassContext(verify=False))
+    names = set(dict(ir.named_buffers())) | set(dict(ir.named_parameters()))
+    assert not kept & names
 
 
 def test_edgeqat_finds_queries_and_keys_and_trains():
