@@ -22,11 +22,7 @@ memory; qat's progress bar (loss, steps/s) goes to stderr every 30 s.
     flock /tmp/qc_smollm2.lock nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qat.py --smollm2 \
         --recipes w4a4kv4 --rotate only --windows 4 --steps 60 --lr 1e-5 --lr-quant 1e-4 > smollm2.log 2>&1 &
 
-all-MiniLM-L6-v2 (`--minilm`): mean / min cosine of sentence embeddings to float at W4A8 (as
-benchmarks/accuracy.py scores it), PTQ vs distillation QAT from that PTQ state:
-
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/qat.py --minilm --steps 300 --lr 5e-5 --lr-quant 1e-5 \
-        --qat-extra quantizers=lsq
+all-MiniLM-L6-v2: benchmarks/qat_minilm.py.
 
 (On a machine shared by several jobs, OMP_NUM_THREADS=1 avoids OpenMP threads spinning
 against each other, which made training ~10x slower here.)
@@ -367,81 +363,6 @@ def smollm2_table(args) -> None:
         print(f"| {recipe} | {method or 'float'} | {ppl:.2f} | {e} | {'' if sps is None else f'{sps:.3f}'} | {note} |")
 
 
-# ---------------------------------------------------------------- MiniLM
-
-
-def minilm_table(args) -> None:
-    """all-MiniLM-L6-v2 at W4A4 / W4A8: PTQ (benchmarks/accuracy.py's `--minilm-recipe`) vs
-    distillation QAT from it. Scored as accuracy.py scores MiniLM (mean / min cosine to float on
-    the first 500 Wikipedia sentences, WordSim-353 Spearman); calibration rows are running text
-    after the scored sentences, and training uses the sentences after those, one per row,
-    padded to 128 tokens as the scored ones are; the output loss is the normalized MSE of
-    the sentence embeddings, i.e. 2 (1 - cosine)."""
-    from scipy.stats import spearmanr
-
-    import accuracy as acc
-    from realdata import MiniLMEncoder, load_minilm, wiki_sentences, wordsim353
-
-    progress_to_log()
-    bert, tok = load_minilm()
-    enc = MiniLMEncoder(bert).eval()
-    n, rows = 500, args.minilm_calib
-    cal_sents = 600 * -(-rows // 64)  # as accuracy.py takes them
-    sents = wiki_sentences(n + cal_sents + args.minilm_train)
-    if len(sents) < n + cal_sents + args.minilm_train:
-        raise SystemExit(f"the text has {len(sents) - n - cal_sents} sentences after the scored and calibration "
-                         f"ones; give --minilm-train <= that")
-    b = tok(sents[:n], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    calib = acc.packed_calibration(tok, sents[n:n + cal_sents], rows, 128)
-    tb = tok(sents[n + cal_sents:], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    bs = args.minilm_batch
-    train = [(tb.input_ids[i:i + bs], tb.attention_mask[i:i + bs]) for i in range(0, tb.input_ids.shape[0], bs)]
-    words = wordsim353()
-    vocab = sorted({w for a, c, _ in words for w in (a, c)})
-    wb = tok(vocab, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-
-    def embed(fn, ids, mask):
-        with torch.no_grad():
-            return torch.cat([fn(ids[i:i + 50], mask[i:i + 50]) for i in range(0, ids.shape[0], 50)])
-
-    ref = embed(enc, b.input_ids, b.attention_mask)
-
-    def score(fn) -> tuple[float, float, float]:
-        e = embed(fn, b.input_ids, b.attention_mask)
-        cos = nn.functional.cosine_similarity(e, ref, dim=-1)
-        we = embed(fn, wb.input_ids, wb.attention_mask)
-        idx = {w: i for i, w in enumerate(vocab)}
-        sims = [float(nn.functional.cosine_similarity(we[idx[a]], we[idx[c]], dim=0)) for a, c, _ in words]
-        return float(cos.mean()), float(cos.min()), float(spearmanr(sims, [x for _, _, x in words]).statistic)
-
-    table = [("float", "", score(enc), "")]
-    traced = qc.trace(enc, (b.input_ids[:2], b.attention_mask[:2]))
-    opts = (f"steps={args.steps},lr={args.lr},lr_quant={args.lr_quant},loss=distill,output_loss=mse,data=train"
-            + (f",{args.qat_extra}" if args.qat_extra else ""))
-    settings = argparse.Namespace(a_clip=1.0, kv_clip=1.0, group=128, a_asym=False, kv_asym=False, gptq="")
-    for bits in args.minilm_bits.split(","):
-        t0 = time.perf_counter()
-        ir, text = acc.run_pipeline(traced, acc.BERT_RECIPES[args.minilm_recipe], bits, calib, settings)
-        table.append((f"{args.minilm_recipe} {bits}, calib {rows}", "PTQ", score(ir), f"`{text}`"))
-        print(f"  {table[-1][:3]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        t0 = time.perf_counter()
-        ctx = qc.PassContext(train=train, verify=False)
-        qc.PassManager.parse(f"qat({opts})").run(ir, ctx)
-        d = ctx.results[-1][1].details
-        curve = d["losses"]
-        table.append((table[-1][0], f"QAT `{opts}`", score(ir),
-                      f"loss {np.mean(curve[:10]):.4f} -> {np.mean(curve[-10:]):.4f} (mean of first/last 10), "
-                      f"{d['steps_per_s']:.3f} steps/s"))
-        print(f"  {table[-1][:3]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"\nall-MiniLM-L6-v2: cosine of sentence embeddings to float on {n} Wikipedia sentences, WordSim-353 "
-          f"Spearman; QAT on {len(train) * bs} sentences after them, batch {bs}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}\n")
-    print("| recipe | method | cosine mean | cosine min | WordSim Spearman | notes |")
-    print("|---|---|---|---|---|---|")
-    for recipe, method, (mean, low, rho), note in table:
-        print(f"| {recipe} | {method or 'float'} | {mean:.4f} | {low:.4f} | {rho:.3f} | {note} |")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", default="w4a4,w2a4")
@@ -467,19 +388,10 @@ def main(argv=None):
     p.add_argument("--rotate-text", default="", help=f"SmolLM2: the rotate pass of --rotate (default {ROTATE})")
     p.add_argument("--calib", type=int, default=4, help="SmolLM2: calibration windows of 512 (the start of the "
                    "training text)")
-    p.add_argument("--minilm", action="store_true", help="run the all-MiniLM-L6-v2 part (--steps, --lr, --lr-quant, "
-                   "--qat-extra apply)")
-    p.add_argument("--minilm-bits", default="W4A8", help="MiniLM bit settings of benchmarks/accuracy.py")
-    p.add_argument("--minilm-recipe", default="rotate-rs+tclip+gptq-seq", help="MiniLM PTQ recipe of accuracy.py")
-    p.add_argument("--minilm-calib", type=int, default=256, help="MiniLM calibration rows of 128 tokens")
-    p.add_argument("--minilm-train", type=int, default=4800, help="MiniLM training sentences")
-    p.add_argument("--minilm-batch", type=int, default=16, help="MiniLM training batch (sentences)")
     p.add_argument("--qat-extra", default="", help="more SmolLM2 qat options, e.g. lora_rank=8 or train_weights=false")
     args = p.parse_args(argv)
     if args.smollm2:
         smollm2_table(args)
-    elif args.minilm:
-        minilm_table(args)
     else:
         cnn_table(args)
 
