@@ -220,20 +220,15 @@ def packed_calibration(tok, sentences, count: int, length: int, batch: int = 16,
     return [(x[i: i + batch], torch.ones_like(x[i: i + batch])) for i in range(0, count, batch)]
 
 
-def minilm(args, cache: Cache) -> dict:
+def minilm_scorer(enc, tok, sents: list[str]):
+    """The scored sentences' batch and score(fn) -> {cos_mean, cos_min, spearman}: cosine of
+    fn's sentence embeddings to the float encoder's, and WordSim-353's Spearman correlation."""
     from scipy.stats import spearmanr
 
-    bert, tok = rd.load_minilm()
-    n = 100 if args.quick else 500
-    enc = rd.MiniLMEncoder(bert).eval()
-    sents = rd.wiki_sentences(n)
     b = tok(sents, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
     words = rd.wordsim353()
     vocab = sorted({w for a, c, _ in words for w in (a, c)})
     wb = tok(vocab, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    rows = args.calib or 64
-    calib = packed_calibration(tok, rd.wiki_sentences(n + 600 * -(-rows // 64))[n:], rows, 128,
-                               each=getattr(args, "calib_sentences", False))
 
     def embed(fn, ids, mask):
         with torch.no_grad():
@@ -249,6 +244,18 @@ def minilm(args, cache: Cache) -> dict:
         sims = [float(torch.cosine_similarity(we[idx[a]], we[idx[c]], dim=0)) for a, c, _ in words]
         rho = spearmanr(sims, [s for _, _, s in words]).statistic
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "spearman": float(rho)}
+
+    return b, score
+
+
+def minilm(args, cache: Cache) -> dict:
+    bert, tok = rd.load_minilm()
+    n = 100 if args.quick else 500
+    enc = rd.MiniLMEncoder(bert).eval()
+    b, score = minilm_scorer(enc, tok, rd.wiki_sentences(n))
+    rows = args.calib or 64
+    calib = packed_calibration(tok, rd.wiki_sentences(n + 600 * -(-rows // 64))[n:], rows, 128,
+                               each=getattr(args, "calib_sentences", False))
 
     table = {"float": {bt: cache.get(f"minilm|float|{n}", lambda: score(enc)) for bt in BITS}}
     state = {}

@@ -20,8 +20,6 @@ import sys
 import time
 
 import numpy as np
-import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,12 +28,10 @@ import qcompiler as qc  # noqa: E402
 
 import accuracy as acc  # noqa: E402
 from qat import progress_to_log  # noqa: E402
-from realdata import MiniLMEncoder, load_minilm, wiki_sentences, wordsim353  # noqa: E402
+from realdata import MiniLMEncoder, load_minilm, wiki_sentences  # noqa: E402
 
 
 def minilm_table(args) -> None:
-    from scipy.stats import spearmanr
-
     progress_to_log()
     bert, tok = load_minilm()
     enc = MiniLMEncoder(bert).eval()
@@ -45,28 +41,15 @@ def minilm_table(args) -> None:
     if len(sents) < n + cal_sents + args.train:
         raise SystemExit(f"the text has {len(sents) - n - cal_sents} sentences after the scored and calibration "
                          f"ones; give --train <= that")
-    b = tok(sents[:n], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    b, scores = acc.minilm_scorer(enc, tok, sents[:n])
     calib = acc.packed_calibration(tok, sents[n:n + cal_sents], rows, 128)
     tb = tok(sents[n + cal_sents:], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
     bs = args.batch
     train = [(tb.input_ids[i:i + bs], tb.attention_mask[i:i + bs]) for i in range(0, tb.input_ids.shape[0], bs)]
-    words = wordsim353()
-    vocab = sorted({w for a, c, _ in words for w in (a, c)})
-    wb = tok(vocab, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-
-    def embed(fn, ids, mask):
-        with torch.no_grad():
-            return torch.cat([fn(ids[i:i + 50], mask[i:i + 50]) for i in range(0, ids.shape[0], 50)])
-
-    ref = embed(enc, b.input_ids, b.attention_mask)
 
     def score(fn) -> tuple[float, float, float]:
-        e = embed(fn, b.input_ids, b.attention_mask)
-        cos = nn.functional.cosine_similarity(e, ref, dim=-1)
-        we = embed(fn, wb.input_ids, wb.attention_mask)
-        idx = {w: i for i, w in enumerate(vocab)}
-        sims = [float(nn.functional.cosine_similarity(we[idx[a]], we[idx[c]], dim=0)) for a, c, _ in words]
-        return float(cos.mean()), float(cos.min()), float(spearmanr(sims, [x for _, _, x in words]).statistic)
+        r = scores(fn)
+        return r["cos_mean"], r["cos_min"], r["spearman"]
 
     table = [("float", "", score(enc), "")]
     traced = qc.trace(enc, (b.input_ids[:2], b.attention_mask[:2]))
