@@ -6,9 +6,8 @@
 Runs one recipe of `benchmarks/accuracy.py` (same loaders, calibration data, fake-quant text and
 metric: MiniLM mean cosine to float on the scored sentences without WordSim, SmolLM2 quick
 perplexity on 4 windows) once, then scores copies of the quantized IR in which only one group
-of quantizers stays on (the others replaced by their input, so the copy computes float there):
-weights (after GPTQ the rounded weights are the float constant, so "no weights" needs a recipe
-without GPTQ), all activations, the KV cache, or the per-token quantizer of one layer type's
+of quantizers stays on (the others replaced by their input, or by the float weight GPTQ rounded,
+so the copy computes float there): weights, all activations, the KV cache, or the per-token quantizer of one layer type's
 input (q/k/v, attention output, FFN up, FFN down). "all but X" rows turn off only group X.
 """
 
@@ -27,6 +26,7 @@ warnings.filterwarnings("ignore")
 
 import qcompiler as qc  # noqa: E402
 from qcompiler.ir import copy_ir, op_name  # noqa: E402
+from qcompiler.passes.qat_graph import without_quantizers  # noqa: E402
 
 from benchmarks import accuracy as acc  # noqa: E402
 from benchmarks import realdata as rd  # noqa: E402
@@ -63,18 +63,6 @@ def quantizer_groups(gm) -> dict[str, list]:
             g = "act:" + (layer_type(lins[0]) if lins else "other")
         groups.setdefault(g, []).append(n.name)
     return groups
-
-
-def keep_only(gm, names: set):
-    """A copy of gm with every fake-quant not in `names` replaced by its input."""
-    ir = copy_ir(gm)
-    for n in list(ir.graph.nodes):
-        if op_name(n) == "qc.fake_quant" and n.name not in names:
-            n.replace_all_uses_with(n.args[0])
-            ir.graph.erase_node(n)
-    ir.graph.eliminate_dead_code()
-    ir.recompile()
-    return ir
 
 
 def setups(groups: dict) -> list[tuple[str, set]]:
@@ -164,7 +152,7 @@ def main(argv=None):
         if only and label not in only:
             continue
         t = time.time()
-        v = score(keep_only(ir, names))
+        v = score(without_quantizers(ir, frozenset(names)))
         print(f"| {label} | {v:.4f} | {time.time() - t:.0f} |", flush=True)
 
 

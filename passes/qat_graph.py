@@ -36,12 +36,13 @@ def flat_outputs(gm: torch.fx.GraphModule) -> list:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def float_teacher(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A frozen float copy of a fake-quant IR: every `qc.fake_quant` replaced by its input,
-    or by the float weight a rounding pass (gptq) replaced with its rounded one."""
+def without_quantizers(gm: torch.fx.GraphModule, keep: frozenset = frozenset()) -> torch.fx.GraphModule:
+    """A copy of a fake-quant IR with every `qc.fake_quant` whose node name is not in `keep`
+    replaced by its input, or by the float weight a rounding pass (gptq) replaced with its
+    rounded one; with `keep` empty, the float model."""
     t = copy_ir(gm)
     for n in list(t.graph.nodes):
-        if n.op == "call_function" and op_name(n) == "qc.fake_quant":
+        if n.op == "call_function" and op_name(n) == "qc.fake_quant" and n.name not in keep:
             src = n.args[0]
             if "float_weight" in n.meta.get("qc", {}):
                 with t.graph.inserting_before(n):
@@ -49,6 +50,12 @@ def float_teacher(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             n.replace_all_uses_with(src)
             t.graph.erase_node(n)
     cleanup(t)
+    return t
+
+
+def float_teacher(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A frozen float copy of a fake-quant IR (`without_quantizers`)."""
+    t = without_quantizers(gm)
     for p in list(t.parameters()) + list(t.buffers()):
         p.requires_grad_(False)
     return t.eval()

@@ -11,7 +11,7 @@ import qcompiler as qc
 from qcompiler import zoo
 from qcompiler.ir import add_constant, copy_ir, get_attr_tensor, op_name
 from qcompiler.serialize import ir_from_json, ir_to_json
-from qcompiler.passes.qat_graph import attention_qk, float_teacher, qk_entropy, view
+from qcompiler.passes.qat_graph import attention_qk, float_teacher, qk_entropy, view, without_quantizers
 from qcompiler.passes.qat_lora import make_adapters, merge
 from qcompiler.passes.qat_params import QuantParams, fake_quants
 
@@ -127,6 +127,13 @@ def test_after_gptq_the_default_teacher_reads_the_float_weights(digits_mlp, digi
                     bypassed.graph.erase_node(n)
                 bypassed.recompile()
                 assert (bypassed(xs) - digits_mlp(xs)).abs().max() > 1e-2
+                weights = frozenset(n.name for n in fake_quants(ir, "weight"))
+                assert torch.allclose(without_quantizers(ir, weights)(xs), bypassed(xs), atol=1e-6)
+                acts_only = without_quantizers(ir, frozenset(n.name for n in fake_quants(ir)) - weights)
+                linears = [n for n in acts_only.graph.nodes if op_name(n) == "aten.linear"]
+                assert {n.args[1].target for n in linears} == kept  # the float weights, not the rounded ones
+                err_acts, err_all = (((f(xs) - digits_mlp(xs)) ** 2).mean() for f in (acts_only, ir))
+                assert 1e-8 < err_acts < err_all
                 stored = ir_from_json(*ir_to_json(ir))  # the kept weights survive saving the IR
                 (out,) = float_teacher(stored)(xs)  # a stored IR returns its flat outputs
                 assert torch.allclose(out, digits_mlp(xs), atol=1e-5)
