@@ -7,8 +7,9 @@ Runs one recipe of `benchmarks/accuracy.py` (same loaders, calibration data, fak
 metric: MiniLM mean cosine to float on the scored sentences without WordSim, SmolLM2 quick
 perplexity on 4 windows) once, then scores copies of the quantized IR in which only one group
 of quantizers stays on (the others replaced by their input, or by the float weight GPTQ rounded,
-so the copy computes float there): weights, all activations, the KV cache, or the per-token quantizer of one layer type's
-input (q/k/v, attention output, FFN up, FFN down). "all but X" rows turn off only group X.
+so the copy computes float there): weights, all activations, the KV cache, or the per-token
+quantizer of one layer type's input (q/k/v, attention output, FFN up, FFN down). "all but X"
+rows turn off only group X.
 """
 
 from __future__ import annotations
