@@ -16,7 +16,8 @@ One step on batch (x, y) (see the `qat_*` modules for each piece):
     Adam step on weights (or low-rank adapters, `qat_lora`) at `lr`, on LSQ/LSQ+ scales and
     offsets at `lr_quant` (`qat_params`) and, with lr_clip > 0, on the clip ratios of the
     run-time (per-token, KV-cache) quantizers at `lr_clip` (`qat_clips`; not with data=noise,
-    which keeps every activation range as calibrated), cosine-decayed; then
+    which keeps every activation range as calibrated), each rate raised linearly over the first
+    `warmup` steps (so a large rate does not break a GPTQ start), then cosine-decayed; then
     oscillation tracking/freezing.
     (AdamW's fused kernel by default: one pass over each tensor instead of about ten, the
     same update up to the last bit of rounding; fused_adam=false for torch's loop.)
@@ -63,6 +64,7 @@ class QAT(Pass):
     lr: float = 1e-4
     lr_quant: float = 1e-3
     lr_clip: float = 0.0
+    warmup: int = 0
     loss: Literal["task", "distill", "edgeqat"] = "distill"
     data: Literal["auto", "train", "calib", "synthetic", "noise"] = "auto"
     batch: int = 0
@@ -93,9 +95,13 @@ class QAT(Pass):
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch", "intervene_steps", "lora_rank", "checkpoint_every", "teacher_cache_mb"):
+        for name in ("steps", "batch", "warmup", "intervene_steps", "lora_rank", "checkpoint_every",
+                     "teacher_cache_mb"):
             if getattr(self, name) < (1 if name == "steps" else 0):
                 raise QuantSpecError(f"{name}={getattr(self, name)} must be {'positive' if name == 'steps' else '>= 0'}")
+        if self.warmup >= self.steps:
+            raise QuantSpecError(f"warmup={self.warmup} must be fewer than steps={self.steps} (the rates rise over "
+                                 "the warm-up steps and decay over the rest)")
         if self.lr <= 0 or self.lr_quant < 0 or self.lr_clip < 0:
             raise QuantSpecError(f"lr={self.lr}, lr_quant={self.lr_quant}, lr_clip={self.lr_clip}: learning rates "
                                  "must be positive (lr_quant and lr_clip may be 0: those quantities stay fixed)")
@@ -184,8 +190,8 @@ class QAT(Pass):
                 if want != phase:
                     model, phase = None, want
                     model = qat_dist.wrap(views[phase], world, find_unused=bool(ti_steps))
-                for g in opt.param_groups:  # cosine decay to zero over the run
-                    g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * self._rate(step)
                 inputs, target = data.get(step, rank, world)
                 loss, parts = self._step_loss(model, teacher, inputs, target, ctx, phase, n_out, caps,
                                               captures[phase], feats, qk_names, grids, osc,
@@ -228,6 +234,13 @@ class QAT(Pass):
         summary = (f"{ran} steps{resumed}, loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses
                    else f"nothing to train: checkpoint at step {start} of {self.steps}")
         return PassResult(True, summary, details)
+
+    def _rate(self, step: int) -> float:
+        """The learning-rate factor at `step`: linear from 1/(warmup+1) to 1 over the warm-up steps, then
+        cosine decay to zero over the rest of the run."""
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / (self.steps - self.warmup)))
 
     # ------------------------------------------------------------------ one step
     def _step_loss(self, model, teacher, inputs, target, ctx, phase, n_out, caps, s_caps, feats, qk_names, grids,

@@ -2,11 +2,13 @@
 every class of bad input refused with a clear error."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import qcompiler as qc
 from qcompiler.errors import TrainingError
@@ -205,6 +207,24 @@ def test_cached_teacher_trains_exactly_like_running_it(mlp_setup):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_warmup_raises_the_rates_linearly_then_decays_them(mlp_setup):
+    """With warmup=2 of 6 steps, every parameter group's rate goes 1/3, 2/3 of its base, then
+    the cosine decay over the 4 remaining steps; the weights and the scales keep their ratio."""
+    fresh, data = mlp_setup
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append({g["name"]: g["lr"] for g in opt.param_groups}))
+    try:
+        qc.PassManager.parse("qat(steps=6,warmup=2,lr=1e-2,lr_quant=1e-3,loss=task)").run(
+            fresh(), qc.PassContext(train=data, verify=False))
+    finally:
+        hook.remove()
+    want = [1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert len(seen) == 6 and {"weights", "scales"} <= set(seen[0])
+    for rates, factor in zip(seen, want):
+        assert rates["weights"] == pytest.approx(1e-2 * factor) and rates["scales"] == pytest.approx(1e-3 * factor)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(mlp_setup, tmp_path):
     """A loss that turns NaN at step 5 stops training with an error naming step 5 and the last
     good checkpoint (step 4); the IR is back at that checkpoint's state."""
@@ -276,6 +296,7 @@ def test_bad_training_input(mlp_setup, ctx, options, message):
     ("qat(loss=task,data=noise)", "loss=task needs targets"),
     ("qat(intervene_steps=3)", "intervene_steps needs intervene"),
     ("qat(lr_clip=-0.1)", "lr_clip=-0.1: learning rates must be positive"),
+    ("qat(steps=5,warmup=5)", "warmup=5 must be fewer than steps=5"),
 ])
 def test_conflicting_options(pipeline, message):
     """Options that cannot work together are refused when the pipeline is parsed."""
