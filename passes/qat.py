@@ -12,6 +12,7 @@ One step on batch (x, y) (see the `qat_*` modules for each piece):
     L = task(s, y)                                           loss=task
       | T^2 KL(t || s) + sum feature(s_feats, t_feats)     loss=distill (`qat_losses`)
       | distill + entropy(q, k) + distribution(q, k)        loss=edgeqat (EdgeQAT)
+      + attention-map KL(t || s)                           attention_weight > 0
       + damping                                              damp > 0 (`qat_oscillation`)
     Adam step on weights (or low-rank adapters, `qat_lora`) at `lr`, on LSQ/LSQ+ scales and
     offsets at `lr_quant` (`qat_params`) and, with lr_clip > 0, on the clip ratios of the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -48,8 +50,32 @@ from qcompiler.spec import check_bits
 from . import qat_checkpoint, qat_dist, qat_lora
 from .qat_clips import ClipRatios
 from .qat_data import Batches, TeacherCache
-from .qat_graph import flat_outputs, float_teacher, quantized_qk, require_nodes, snap_biases, teacher_name, view
-from .qat_losses import code_grids, distill_output, distribution_loss, entropy_loss, feature_loss, task_loss
+from .qat_graph import (attentions, flat_outputs, float_teacher, quantized_qk, require_nodes, snap_biases,
+                        teacher_name, view)
+from .qat_losses import (CodeGrid, attention_loss, code_grids, distill_output, distribution_loss, entropy_loss,
+                         feature_loss, task_loss)
+
+
+@dataclass(frozen=True)
+class Taps:
+    """The node values the losses read: distilled intermediates, quantized queries/keys (with
+    their code grids), attention maps, and the nodes Teacher Intervention feeds."""
+
+    feats: list[str]
+    qk: list[str]
+    grids: list[CodeGrid]
+    maps: list[str]
+    intervene: list[str]
+
+    @property
+    def teacher(self) -> list[str]:
+        """What the teacher returns (by the student's node names)."""
+        return self.feats + self.qk + self.maps + self.intervene
+
+    def student(self, phase: str) -> list[str]:
+        """What the student view of `phase` ("ti" or "main") returns."""
+        grid_names = [name for g in self.grids for name in g.names]
+        return self.feats + self.qk + self.maps + (self.intervene if phase == "ti" else []) + grid_names
 from .qat_oscillation import Oscillation
 from .qat_params import QuantParams, fake_quants
 
@@ -77,6 +103,7 @@ class QAT(Pass):
     feature_weight: float = 1.0
     entropy_weight: float = 0.01
     distribution_weight: float = 0.1
+    attention_weight: float = 0.0
     intervene: tuple[str, ...] = ()
     intervene_steps: int = 0
     teacher_cache_mb: int = 2048
@@ -111,6 +138,9 @@ class QAT(Pass):
                                  "(data-free training distills the float teacher)")
         if self.lora_rank and self.freeze > 0:
             raise QuantSpecError("freeze acts on the weights, which lora_rank>0 keeps fixed: use one or the other")
+        if self.attention_weight > 0 and self.loss == "task":
+            raise QuantSpecError("attention_weight distills the teacher's attention maps, and loss=task has no "
+                                 "teacher: use loss=distill or loss=edgeqat")
         if self.intervene_steps and not self.intervene:
             raise QuantSpecError("intervene_steps needs intervene=node;node (the nodes the teacher feeds)")
 
@@ -128,16 +158,17 @@ class QAT(Pass):
             raise TrainingError("loss=edgeqat needs quantized attention (queries or keys through a fake-quant before "
                                 "the matmul that feeds a softmax: fake-quant with ops=matmul, or kv=<bits>), and the IR "
                                 "has none; use loss=distill")
+        maps = [sm.name for sm, _, _ in attentions(gm)] if self.attention_weight > 0 else []
+        if self.attention_weight > 0 and not maps:
+            raise TrainingError(f"attention_weight={self.attention_weight} distills attention maps, and the IR has no "
+                                "attention (a softmax over a matmul's product); leave attention_weight at 0")
         nodes = {n.name: n for n in gm.graph.nodes}
-        feats = list(self.distill_nodes)
-        qk_names = [n.name for n in qk_fqs]
-        grids = code_grids(qk_fqs)
-        caps = feats + qk_names + list(self.intervene)
-        require_nodes(nodes, caps)
+        taps = Taps(list(self.distill_nodes), [n.name for n in qk_fqs], code_grids(qk_fqs), maps, list(self.intervene))
+        require_nodes(nodes, taps.teacher)
         teacher = None
         if self.loss != "task" or self.intervene:
             t_ir = float_teacher(gm) if ctx.teacher is None else _traced_teacher(ctx.teacher, gm)
-            teacher = TeacherCache(view(t_ir, [teacher_name(nodes[c]) for c in caps], what="teacher"),
+            teacher = TeacherCache(view(t_ir, [teacher_name(nodes[c]) for c in taps.teacher], what="teacher"),
                                    self.teacher_cache_mb)
         qp = QuantParams(gm, self.quantizers, self.train_weights and not self.lora_rank, learn_acts=data.mode != "noise")
         clips = ClipRatios(gm) if self.lr_clip > 0 and data.mode != "noise" else None
@@ -146,21 +177,19 @@ class QAT(Pass):
             raise TrainingError(f"lr_clip={self.lr_clip} learns the clip ratios of run-time quantizers, and the IR "
                                 "has none: give fake-quant a_granularity=token or kv=<bits>, or leave lr_clip at 0")
         try:
-            return self._train(gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, grids, rank, world)
+            return self._train(gm, ctx, qp, clips, data, teacher, taps, rank, world)
         finally:
             if clips is not None:
                 clips.restore()
             qp.restore()
 
-    def _train(self, gm, ctx, qp, clips, data, teacher, caps, feats, qk_names, grids, rank, world) -> PassResult:
+    def _train(self, gm, ctx, qp, clips, data, teacher, taps, rank, world) -> PassResult:
         adapters = qat_lora.make_adapters(qp, self.lora_rank, self.lora_alpha, self.seed) if self.lora_rank else {}
         osc = Oscillation(qp, self.osc_bits, self.damp, self.freeze, track=self.damp > 0 or self.freeze > 0)
         ti_steps = (self.intervene_steps or self.steps // 2) if self.intervene else 0
         n_out = len(flat_outputs(gm))
-        grid_names = [name for g in grids for name in g.names]
-        captures = {"ti": caps + grid_names, "main": caps[:len(feats) + len(qk_names)] + grid_names}
-        views = {"ti": view(gm, captures["ti"], self.intervene, adapters)} if ti_steps else {}
-        views["main"] = view(gm, captures["main"], (), adapters)
+        views = {"ti": view(gm, taps.student("ti"), self.intervene, adapters)} if ti_steps else {}
+        views["main"] = view(gm, taps.student("main"), (), adapters)
         groups = qp.groups(self.lr, self.lr_quant) + (clips.group(self.lr_clip) if clips is not None else [])
         if adapters:
             groups.append({"params": [t for a, b, _ in adapters.values() for t in (a, b)], "lr": self.lr, "name": "lora"})
@@ -193,8 +222,7 @@ class QAT(Pass):
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * self._rate(step)
                 inputs, target = data.get(step, rank, world)
-                loss, parts = self._step_loss(model, teacher, inputs, target, ctx, phase, n_out, caps,
-                                              captures[phase], feats, qk_names, grids, osc,
+                loss, parts = self._step_loss(model, teacher, inputs, target, ctx, phase, n_out, taps, osc,
                                               data.index(step, rank, world))
                 value = qat_dist.mean(loss, world)
                 if not math.isfinite(value):
@@ -228,7 +256,7 @@ class QAT(Pass):
         details = {"steps": self.steps, "start_step": start, "losses": losses, "seconds": elapsed,
                    "steps_per_s": ran / elapsed if elapsed > 0 and ran else 0.0, "checkpoint": ckpt_path,
                    "oscillation": osc.stats(), "last_parts": {k: float(v.detach()) for k, v in parts.items()},
-                   "world_size": world, "qk_quantizers": qk_names,
+                   "world_size": world, "qk_quantizers": taps.qk, "attention_maps": taps.maps,
                    "clip_ratios": clips.ratios() if clips is not None else {}}
         resumed = f" (resumed at step {start})" if start else ""
         summary = (f"{ran} steps{resumed}, loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses
@@ -243,17 +271,16 @@ class QAT(Pass):
         return 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / (self.steps - self.warmup)))
 
     # ------------------------------------------------------------------ one step
-    def _step_loss(self, model, teacher, inputs, target, ctx, phase, n_out, caps, s_caps, feats, qk_names, grids,
-                   osc, key=None):
+    def _step_loss(self, model, teacher, inputs, target, ctx, phase, n_out, taps, osc, key=None):
         t_vals = {}
         t_outs = None
         if teacher is not None:
             t_all = teacher(key, inputs)
-            t_outs, t_vals = t_all[:n_out], dict(zip(caps, t_all[n_out:]))
+            t_outs, t_vals = t_all[:n_out], dict(zip(taps.teacher, t_all[n_out:]))
         extra = [t_vals[n] for n in self.intervene] if phase == "ti" else []
         s_all = model(*inputs, *extra)
         s_outs = s_all[:n_out]
-        s_vals = dict(zip(s_caps, s_all[n_out:]))
+        s_vals = dict(zip(taps.student(phase), s_all[n_out:]))
         parts = {}
         try:
             if self.loss == "task":
@@ -263,12 +290,15 @@ class QAT(Pass):
                                        for s, t in zip(s_outs, t_outs) if s.is_floating_point())
                 if self.task_weight > 0 and target is not None:
                     parts["task"] = self.task_weight * task_loss(s_outs[0], target, ctx.loss_fn)
-            if feats:
-                parts["features"] = self.feature_weight * sum(feature_loss(s_vals[n], t_vals[n]) for n in feats)
-            if qk_names:
-                qs = [s_vals[n] for n in qk_names]
-                parts["entropy"] = self.entropy_weight * entropy_loss([g.codes(s_vals) for g in grids])
-                parts["distribution"] = self.distribution_weight * distribution_loss(qs, [t_vals[n] for n in qk_names])
+            if taps.feats:
+                parts["features"] = self.feature_weight * sum(feature_loss(s_vals[n], t_vals[n]) for n in taps.feats)
+            if taps.qk:
+                qs, ts = [s_vals[n] for n in taps.qk], [t_vals[n] for n in taps.qk]
+                parts["entropy"] = self.entropy_weight * entropy_loss([g.codes(s_vals) for g in taps.grids])
+                parts["distribution"] = self.distribution_weight * distribution_loss(qs, ts)
+            if taps.maps:
+                parts["attention"] = self.attention_weight * attention_loss([s_vals[n] for n in taps.maps],
+                                                                            [t_vals[n] for n in taps.maps])
         except TrainingError:
             raise
         except Exception as e:

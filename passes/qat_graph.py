@@ -167,13 +167,13 @@ def snap_biases(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-def attention_qk(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
-    """(query, key) pairs of every attention whose queries or keys are quantized: the operands
-    of the matmul whose product reaches a softmax through scaling/masking ops, the key taken
-    before its transpose (so a quantized matmul's own quantizers, or KV-cache quantizers)."""
+def attentions(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]:
+    """(softmax, query, key) of every attention: a softmax whose input is a matmul's product
+    through scaling/masking ops, with the matmul's operands, the key taken before its
+    transpose (so a quantized matmul's own quantizers, or KV-cache quantizers)."""
     score_ops = {"aten.div.Tensor", "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor", "aten.to.dtype",
                  "aten._to_copy", "aten.masked_fill.Scalar", "aten.where.self", "aten.div.Scalar", "aten.mul.Scalar"}
-    pairs = []
+    found = []
     for sm in gm.graph.nodes:
         if op_name(sm) not in ("aten.softmax.int", "aten._softmax"):
             continue
@@ -188,9 +188,13 @@ def attention_qk(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx
         q, k = matmul.args[0], matmul.args[1]
         if op_name(k) == "aten.transpose.int":
             k = k.args[0]
-        if any(op_name(x) == "qc.fake_quant" for x in (q, k)):
-            pairs.append((q, k))
-    return pairs
+        found.append((sm, q, k))
+    return found
+
+
+def attention_qk(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(query, key) pairs of every attention (`attentions`) whose queries or keys are quantized."""
+    return [(q, k) for _, q, k in attentions(gm) if any(op_name(x) == "qc.fake_quant" for x in (q, k))]
 
 
 def quantized_qk(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

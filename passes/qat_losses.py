@@ -16,6 +16,10 @@
   The distribution-guided loss matches each head's quantized distribution to the float one,
   as the KL divergence of the Gaussian fits,
   KL(N(mt, vt) || N(ms, vs)) = 1/2 (log(vs/vt) + (vt + (mt - ms)^2) / vs - 1).
+- attention maps (the attention-map loss of Kim et al. 2022, "Understanding and Improving
+  Knowledge Distillation for QAT of Large Transformer Encoders"): KL(t || s) between the
+  teacher's and the student's attention probabilities, per query row, averaged over rows and
+  layers; what the distorted queries and keys finally change.
 
 `code_entropy` measures what the entropy loss aims at, on the integer codes themselves: the
 Shannon entropy in bits of their histogram (at most the bit width).
@@ -125,6 +129,17 @@ def distribution_loss(quantized: list[torch.Tensor], floats: list[torch.Tensor])
         mt, vt = _head_moments(f.detach())
         vs, vt = vs + 1e-8, vt + 1e-8
         terms.append((0.5 * (torch.log(vs / vt) + (vt + (mt - ms) ** 2) / vs - 1)).mean())
+    return torch.stack(terms).mean()
+
+
+def attention_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over maps and rows of KL(t || s), the last dimension a probability distribution
+    (masked positions are 0 in both and add nothing)."""
+    terms = []
+    for s, t in zip(student, teacher):
+        t = t.detach().float()
+        log_s = s.float().clamp_min(1e-12).log()
+        terms.append((torch.special.xlogy(t, t) - t * log_s).sum(-1).mean())
     return torch.stack(terms).mean()
 
 

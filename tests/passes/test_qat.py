@@ -11,7 +11,7 @@ import qcompiler as qc
 from qcompiler import zoo
 from qcompiler.ir import add_constant, copy_ir, get_attr_tensor, op_name
 from qcompiler.serialize import ir_from_json, ir_to_json
-from qcompiler.passes.qat_graph import attention_qk, float_teacher, qk_entropy, view, without_quantizers
+from qcompiler.passes.qat_graph import attention_qk, attentions, float_teacher, qk_entropy, view, without_quantizers
 from qcompiler.passes.qat_lora import make_adapters, merge
 from qcompiler.passes.qat_params import QuantParams, fake_quants
 
@@ -213,6 +213,48 @@ def test_edgeqat_entropy_acts_on_the_codes_of_quantized_operands_only():
     xs = view(static, [sq.args[0].name], what="probe")(x)[1].detach().requires_grad_(True)
     entropy_loss([sgrid.codes(dict(zip(sgrid.names, (xs, scale, zero))))]).backward()
     assert scale.grad is None and float(xs.grad.abs().sum()) > 0
+
+
+def test_attention_loss_is_the_kl_of_the_maps_rows():
+    """attention_loss is KL(t || s) per row of the attention probabilities, averaged over rows
+    and maps; causally masked positions (0 in both) add nothing, and it is 0 for equal maps."""
+    from qcompiler.passes.qat_losses import attention_loss
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.triu(torch.full((5, 5), float("-inf")), 1)
+    t = torch.softmax(torch.randn(2, 3, 5, 5, generator=g) + mask, -1)
+    s = torch.softmax(torch.randn(2, 3, 5, 5, generator=g) + mask, -1)
+    keep = mask == 0
+    rows = [(t[b, h, i][keep[i]] * (t[b, h, i][keep[i]] / s[b, h, i][keep[i]]).log()).sum()
+            for b in range(2) for h in range(3) for i in range(5)]
+    assert float(attention_loss([s], [t])) == pytest.approx(float(torch.stack(rows).mean()), rel=1e-5)
+    assert float(attention_loss([t, s], [t, t])) == pytest.approx(float(torch.stack(rows).mean()) / 2, rel=1e-5)
+    assert float(attention_loss([t], [t])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_attention_weight_distills_the_attention_maps():
+    """attention_weight>0 finds the block's attention softmax, trains with the attention-map term,
+    and brings the quantized block's attention probabilities closer to the float ones."""
+    from qcompiler.passes.qat_losses import attention_loss
+
+    torch.manual_seed(0)
+    block = zoo.TransformerBlock(d=32, heads=2, ffn=64).eval()
+    calib = [torch.randn(4, 6, 32) for _ in range(4)]
+    ir = _quantized(block, calib[0][:2], "fake-quant(w=3,a=4)", calib)
+    (sm, _, _), = attentions(ir)
+    maps = view(float_teacher(ir), [sm.name], what="teacher")
+
+    def kl():
+        with torch.no_grad():
+            return float(sum(attention_loss([view(ir, [sm.name], what="probe")(x)[1]], [maps(x)[1]]) for x in calib))
+
+    before = kl()
+    res = _qat(ir, "steps=60,lr=1e-3,lr_quant=1e-3,loss=distill,output_loss=mse,attention_weight=10", calib=calib)
+    assert res.details["attention_maps"] == [sm.name] and "attention" in res.details["last_parts"]
+    assert kl() < 0.7 * before, (before, kl())
+    with pytest.raises(qc.PassError, match="has no attention"):
+        _qat(_quantized(torch.nn.Linear(8, 4), torch.randn(2, 8), "fake-quant(w=4,a=8)", [torch.randn(4, 8)]),
+             "steps=2,attention_weight=1", calib=[torch.randn(4, 8)])
 
 
 def test_teacher_intervention_feeds_teacher_values_then_withdraws(digits_mlp, digits):

@@ -297,6 +297,7 @@ def test_bad_training_input(mlp_setup, ctx, options, message):
     ("qat(intervene_steps=3)", "intervene_steps needs intervene"),
     ("qat(lr_clip=-0.1)", "lr_clip=-0.1: learning rates must be positive"),
     ("qat(steps=5,warmup=5)", "warmup=5 must be fewer than steps=5"),
+    ("qat(loss=task,attention_weight=1)", "loss=task has no teacher"),
 ])
 def test_conflicting_options(pipeline, message):
     """Options that cannot work together are refused when the pipeline is parsed."""
