@@ -33,6 +33,15 @@ points) uses `avx2_s16` on x86: both operands as int16 with their zero points re
 second one packed at run time by a stage of the same kernel. Targets without these features
 keep the plain TE kernel (`lowering._dot_te`), which LLVM vectorizes.
 
+Weights of 4 or 2 bits (`packing.PACKED_BITS`) take the same kernels: each L x S tile of the
+packed int8 layout wp is stored as one block of `packing`'s sub-byte layout (offset binary),
+and a stage of the kernel, `qc_dot_unpack`, expands a column of tiles at a time (into L1,
+before its row tiles) with one shift, mask and subtraction per vector of weights: the
+intrinsic reads int8 weights as for 8 bits (4-bit weights are in [-8, 7], which avx2_u8s8
+takes exactly) while the model stores 4 or 2 bits per weight. Group-wise weights
+(`emit_grouped_linear`) run the kernel with the groups as its batch dimension and combine the
+exact int32 sum of each group in float32, in group order, as `qc.linear_int_grouped` does.
+
 Every kernel is a TE function whose dot block carries the annotation {"qc.dot": kernel,
 "qc.mr": MR, "qc.nr": NR, "qc.batch": batch dims}: rows are padded to a multiple of MR and weight
 blocks to a multiple of NR, the register tile (MR rows x NR*L outputs) the schedule uses. The
@@ -49,7 +58,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.ir.expr import Constant
 
-from . import intrin_arm, intrin_x86
+from . import intrin_arm, intrin_x86, packing
 
 ANNOTATION = "qc.dot"
 MAX_K = 1 << 16  # int32 sums of |a * w| <= 255 * 128 stay exact below 2^16 terms
@@ -133,16 +142,22 @@ def tiles(kern: DotKernel, m, n: int) -> tuple[int, int]:
 
 # --- compile-time weight preparation -------------------------------------------------------------
 
-def pack_weight(w: np.ndarray, kern: DotKernel, nr: int) -> np.ndarray:
+def packed_shape(n: int, k: int, kern: DotKernel, nr: int) -> tuple[int, int, int, int]:
+    """(No, Ko, L, S) of the packed weight of an [n, k] weight; No is a multiple of nr."""
+    return -(-n // (kern.lanes * nr)) * nr, -(-k // kern.kstep), kern.lanes, kern.kstep
+
+
+def pack_weight(w: np.ndarray, kern: DotKernel, nr: int, bits: int = 8) -> np.ndarray:
     """w [N, K] -> wp [No, Ko, L, S] with wp[i, j, l, s] = w[i*L + l, j*S + s] (0 past the end);
-    No is a multiple of nr."""
-    n, k = w.shape
-    L, S = kern.lanes, kern.kstep
-    no = -(-n // (L * nr)) * nr
-    ko = -(-k // S)
+    for 4 or 2 bits, each tile wp[i, j] (L*S weights, in order) is a row in `packing`'s sub-byte
+    layout: uint8 [No, Ko, L*S*bits/8], which the kernel's `qc_dot_unpack` stage expands."""
+    no, ko, L, S = packed_shape(*w.shape, kern, nr)
     full = np.zeros((no * L, ko * S), kern.w_dtype)
-    full[:n, :k] = w
-    return np.ascontiguousarray(full.reshape(no, L, ko, S).transpose(0, 2, 1, 3))
+    full[:w.shape[0], :w.shape[1]] = w
+    wp = np.ascontiguousarray(full.reshape(no, L, ko, S).transpose(0, 2, 1, 3))
+    if bits not in packing.PACKED_BITS:
+        return wp
+    return packing.pack(wp.reshape(no * ko, L * S), bits).reshape(no, ko, -1)
 
 
 def compensation(w: np.ndarray, zx: int, kern: DotKernel) -> np.ndarray | None:
@@ -221,25 +236,50 @@ def _dot_stage(a: te.Tensor, bp: te.Tensor, kern: DotKernel, mr: int, nr: int, b
 
 
 def _unpacked(acc: te.Tensor, n: int, m, L: int, comp=None, row=None) -> te.Tensor:
-    """out[..., r, c] = acc[..., r, c // L, c % L] (+ comp[c]) (- row[..., r]) for r < m, c < n."""
+    """out[..., r, c] = acc[..., r, c // L, c % L] (+ comp[c], or comp[..., c] when comp has the
+    batch dimensions too) (- row[..., r]) for r < m, c < n."""
     def body(*i):
         v = acc[(*i[:-1], tirx.floordiv(i[-1], L), tirx.floormod(i[-1], L))]
-        v = v + comp[i[-1]] if comp is not None else v
+        if comp is not None:
+            v = v + (comp[i[-1]] if len(comp.shape) == 1 else comp[(*i[:-2], i[-1])])
         return v - row[i[:-1]] if row is not None else v
 
     return te.compute((*_dims(acc.shape)[:-3], m, n), body, name="qc_dot_out")
 
 
-def linear_te(x: te.Tensor, wp: te.Tensor, comp: te.Tensor | None, n: int, zx: int, kernel: str, mr: int, nr: int):
+def _unpack_stage(p: te.Tensor, shape: tuple, bits: int) -> te.Tensor:
+    """wp[..., i, j, l, s] from the sub-byte tiles p [..., No, Ko, B] (`pack_weight`): weight
+    t = l*S + s of tile (i, j) is lane t // B of byte t % B, in offset binary (`packing`, one
+    block a tile)."""
+    L, S = shape[-2:]
+    B = _dims(p.shape)[-1]
+    mask, offset = (1 << bits) - 1, 1 << (bits - 1)
+
+    def body(*idx):
+        t = idx[-2] * S + idx[-1]
+        lane = (tirx.floordiv(t, B) * bits).astype("uint8")
+        byte = p[(*idx[:-2], tirx.floormod(t, B))]
+        u = tirx.bitwise_and(tirx.shift_right(byte, lane), tirx.const(mask, "uint8"))
+        return u.astype("int8") - tirx.const(offset, "int8")
+
+    return te.compute(shape, body, name="qc_dot_unpack")
+
+
+def linear_te(x: te.Tensor, wp: te.Tensor, comp: te.Tensor | None, n: int, zx: int, kernel: str, mr: int, nr: int,
+              bits: int = 8, batched: bool = False):
     """acc[..., n] = sum_k (x[..., k] - zx) * w[n, k] from x [..., M, K] int8, the packed
-    weight wp (`pack_weight`) and comp (`compensation`): int32 [..., M, N]. Dimensions before M
-    are loops around the kernel. `kernel` names a `KERNELS` entry."""
+    weight wp (`pack_weight` with `bits`) and comp (`compensation`): int32 [..., M, N].
+    Dimensions before M are loops around the kernel; with `batched`, x is [G, M, K] and wp,
+    comp hold one weight per g (`grouped_operands`). `kernel` names a `KERNELS` entry."""
     kern = KERNELS[kernel]
+    if bits in packing.PACKED_BITS:
+        lead = _dims(wp.shape)[:1] if batched else []
+        wp = _unpack_stage(wp, (*lead, *packed_shape(n, _dims(x.shape)[-1], kern, nr)), bits)
     a = _operand(x, kern, zx, mr, "qc_dot_act")
     if kern.act != "sign":
-        return _unpacked(_dot_stage(a, wp, kern, mr, nr, b_batched=False), n, _dims(x.shape)[-2], kern.lanes, comp)
+        return _unpacked(_dot_stage(a, wp, kern, mr, nr, b_batched=batched), n, _dims(x.shape)[-2], kern.lanes, comp)
     mask = _operand(x, kern, zx, mr, "qc_dot_mask", _sign_mask, "int8")
-    acc = _dot_stage(a, wp, kern, mr, nr, b_batched=False, mask=mask)
+    acc = _dot_stage(a, wp, kern, mr, nr, b_batched=batched, mask=mask)
     k = te.reduce_axis((0, _dims(x.shape)[-1]), "k")
     neg = te.compute(x.shape[:-1], lambda *i: te.sum(tirx.min(x[(*i, k)].astype("int32"), 0), axis=k), name="qc_dot_neg")
     return _unpacked(acc, n, _dims(x.shape)[-2], kern.lanes, comp, neg)
@@ -263,11 +303,12 @@ def matmul_te(a: te.Tensor, b: te.Tensor, za: int, zb: int, kernel: str, mr: int
     return _unpacked(acc, n, _dims(a.shape)[-2], L)
 
 
-def emit_linear(bb, x, zx: int, w, w_value: np.ndarray | None, x_shape: list):
+def emit_linear(bb, x, zx: int, w, w_value: np.ndarray | None, x_shape: list, bits: int = 8):
     """Emit acc = sum_k (x[..., k] - zx) * w[n, k] on the target's dot-product kernel into the
     Relax block builder `bb` (the bias stays a Relax add, fused as its epilogue); None when the
     target, an unknown weight value or the shapes call for the plain kernel. The weight's value
-    is `w`'s own when it is a constant, else `w_value` (the layer's constant, `weights`)."""
+    is `w`'s own when it is a constant, else `w_value` (the layer's constant, `weights`), stored
+    at `bits` (4 or 2: packed, `pack_weight`)."""
     wv = w.value.numpy() if isinstance(w, Constant) else w_value
     if len(x_shape) < 2 or not isinstance(x_shape[-1], int) or wv is None or wv.dtype != np.int8:
         return None
@@ -276,8 +317,48 @@ def emit_linear(bb, x, zx: int, w, w_value: np.ndarray | None, x_shape: list):
         return None
     mr, nr = tiles(kern, x_shape[-2], wv.shape[0])
     comp = compensation(wv, zx, kern)
-    return bb.emit_te(linear_te, x, relax.const(pack_weight(wv, kern, nr)),
-                      None if comp is None else relax.const(comp), wv.shape[0], zx, kern.name, mr, nr)
+    return bb.emit_te(linear_te, x, relax.const(pack_weight(wv, kern, nr, bits)),
+                      None if comp is None else relax.const(comp), wv.shape[0], zx, kern.name, mr, nr, bits)
+
+
+def grouped_operands(w: np.ndarray, group: int, zx: int, kern: DotKernel, nr: int, bits: int):
+    """(wp [G, ...], comp [G, N] or None) for a grouped linear: the weight [N, K] zero padded
+    to G whole groups and split into G weights [N, group], each packed (`pack_weight`)."""
+    n, k = w.shape
+    groups = -(-k // group)
+    full = np.zeros((n, groups * group), np.int8)
+    full[:, :k] = w
+    parts = [full[:, g * group:(g + 1) * group] for g in range(groups)]
+    wp = np.stack([pack_weight(part, kern, nr, bits) for part in parts])
+    comps = [compensation(part, zx, kern) for part in parts]
+    return wp, None if comps[0] is None else np.stack(comps)
+
+
+def emit_grouped_linear(bb, x, zx: int, sx: float, ws, group: int, w_value: np.ndarray | None, x_shape: list,
+                        bits: int):
+    """Emit linear_int_grouped's y = sum_g float32(acc_g) * (ws[n, g] * sx), in group order, with
+    the exact int32 sums acc_g of each group on the target's dot-product kernel (the groups are
+    the kernel's batch dimension: x as [G, M, group], one packed weight per group); None where
+    the target or the operands call for the packed grouped kernel. The bias is left to the caller."""
+    if w_value is None or len(x_shape) < 2 or not all(isinstance(d, int) for d in x_shape):
+        return None
+    kern = choose_linear(current_target(), w_value)
+    if kern is None:
+        return None
+    (n, k), groups = w_value.shape, -(-w_value.shape[1] // group)
+    m = int(np.prod(x_shape[:-1]))
+    mr, nr = tiles(kern, m, n)
+    wp, comp = grouped_operands(w_value, group, zx, kern, nr, bits)
+    R = relax.op
+    rows = bb.emit(R.reshape(x, [m, k]))
+    if groups * group != k:  # the padded weights are 0: any x there adds nothing
+        rows = bb.emit(R.nn.pad(rows, [0, 0, 0, groups * group - k]))
+    xg = bb.emit(R.permute_dims(R.reshape(rows, [m, groups, group]), [1, 0, 2]))
+    acc = bb.emit_te(linear_te, xg, relax.const(wp), None if comp is None else relax.const(comp), n, zx, kern.name,
+                     mr, nr, bits, True)
+    scale = bb.emit(R.reshape(R.multiply(R.permute_dims(ws, [1, 0]), relax.const(sx, "float32")), [groups, 1, n]))
+    y = bb.emit(R.sum(R.multiply(R.astype(acc, "float32"), scale), axis=[0]))
+    return bb.emit(R.reshape(y, [*x_shape[:-1], n]))
 
 
 def emit_matmul(bb, a, b, za: int, zb: int, a_shape: list, b_shape: list):

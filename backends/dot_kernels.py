@@ -37,8 +37,9 @@ def reference_requantize(acc: np.ndarray) -> np.ndarray:
 
 
 def linear_kernel(kernel: str | None, x_shape: tuple, w: np.ndarray, zx: int, bias: np.ndarray | None = None,
-                  requantize: bool = False, mr: int | None = None, nr: int | None = None):
-    """(PrimFunc named "main", [constant arguments after x]) for acc = linear_int(x, zx, w, bias)."""
+                  requantize: bool = False, mr: int | None = None, nr: int | None = None, bits: int = 8):
+    """(PrimFunc named "main", [constant arguments after x]) for acc = linear_int(x, zx, w, bias),
+    the weight stored at `bits` (4 or 2: packed, unpacked by the kernel)."""
     n = w.shape[0]
     bias = np.zeros(n, np.int32) if bias is None else bias.astype(np.int32)
     x = te.placeholder(x_shape, "int8", "x")
@@ -51,10 +52,10 @@ def linear_kernel(kernel: str | None, x_shape: tuple, w: np.ndarray, zx: int, bi
     kern = dot.KERNELS[kernel]
     tm, tn = dot.tiles(kern, x_shape[-2], n)
     tm, tn = mr or tm, nr or tn
-    wp, comp = dot.pack_weight(w, kern, tn), dot.compensation(w, zx, kern)
+    wp, comp = dot.pack_weight(w, kern, tn, bits), dot.compensation(w, zx, kern)
     wt, bt = te.placeholder(wp.shape, str(wp.dtype), "wp"), te.placeholder((n,), "int32", "bias")
     ct = None if comp is None else te.placeholder(comp.shape, "int32", "comp")
-    acc0 = dot.linear_te(x, wt, ct, n, zx, kernel, tm, tn)
+    acc0 = dot.linear_te(x, wt, ct, n, zx, kernel, tm, tn, bits)
     acc = te.compute(acc0.shape, lambda *i: acc0[i] + bt[i[-1]], name="add_bias")
     out = _requantize(acc) if requantize else acc
     params = [x, wt, *([ct] if ct is not None else []), bt, out]

@@ -1,7 +1,8 @@
 """Schedule of the `dot` kernels: register tiles, tensorized inner products, fused epilogue.
 
 After FuseOps/FuseTIR a kernel's PrimFunc holds, in order: elementwise prologue blocks (if
-any), the activation stage `qc_dot_act` (and `qc_dot_pack` for matmul), the dot block
+any), the activation stage `qc_dot_act` (and `qc_dot_pack` for matmul, `qc_dot_unpack` for 4/2-bit
+weights: computed per column of weight blocks, flat and vectorized), the dot block
 annotated "qc.dot", its output `qc_dot_out` and the fused epilogue (bias, requantizer, clamp,
 cast). `schedule_dot` turns that into
 
@@ -39,6 +40,7 @@ from qcompiler.errors import LoweringError
 from .dot import ANNOTATION, KERNELS
 
 PANEL_BYTES = 8192  # weight bytes of one K chunk of a column of tiles (`_k_chunk`)
+UNPACK = "qc_dot_unpack"  # the stage expanding 4/2-bit weights (`dot._unpack_stage`)
 SCHEDULE_ATTR = "qc.dot_schedule"  # "<kernel> <MR>x<NR> [k<chunk>] fused|root": what `schedule_dot` did
 
 
@@ -100,6 +102,13 @@ def _vectorize_inner(sch, block, width: int) -> None:
         sch.vectorize(sch.split(loop, [None, width])[-1])
 
 
+def _vectorize_tiles(sch, block, width: int) -> None:
+    """The two inner loops of `block` (a tile's L x S weights) fused, then vectorized in chunks
+    of `width` (the bytes of the tile's packed block: each chunk one shift of the same bytes)."""
+    loop = sch.fuse(*sch.get_loops(block)[-2:])
+    sch.vectorize(sch.split(loop, [None, width])[-1])
+
+
 def _fused(sch, dot, kern, mr, nr, nb) -> int:
     """Tile, fuse and tensorize (see the module docstring); returns the K-steps per chunk (0: none)."""
     top = list(sch.get_child_blocks(sch.get_sblock("root")))
@@ -123,7 +132,11 @@ def _fused(sch, dot, kern, mr, nr, nb) -> int:
     one_tile = isinstance(rows, tirx.IntImm) and int(rows) == 1  # nothing to share a chunk with
     kc = 0 if one_tile else _k_chunk(sch.get(sch.get_loops(dot)[-2]).extent, kern, nr)
     sch.compute_at(dot, jo if kc else mo, preserve_unit_loops=True)
-    for stage in stages:  # operands per batch, next to their use
+    for stage in stages:  # operands per batch, next to their use; sub-byte weights unpacked once per call
+        if sch.get(stage).name_hint == UNPACK:  # a column's weights, unpacked into L1 before its row tiles
+            sch.compute_at(stage, jo, preserve_unit_loops=True)
+            _try(_vectorize_tiles, sch, stage, int(sch.get(stage).reads[0].source.shape[-1]))
+            continue
         if batch:
             sch.compute_at(stage, batch[-1], preserve_unit_loops=True)
         _try(_vectorize_inner, sch, stage, 32 // (2 if kern.act_dtype == "int16" else 1))

@@ -17,7 +17,9 @@ layer alike, so they shift that layer's row of the table and not the choice betw
 
 Cache: `layer_costs.json` in the target's tuning-database folder (`tuning_db.default_dir` of
 the key `tuning.target_key` gives it), one entry per key (layer kind, shapes, widths,
-granularity; the caller builds it), value and unit. Each new entry is merged under the
+granularity; the caller builds it), value, unit and `KERNELS`, the revision of the kernels it
+was measured on: an entry of another revision is measured again (in session 13 the 4- and
+2-bit linears moved to the dot-product kernels, 4-12x faster on the host). Each new entry is merged under the
 database's exclusive file lock and written to a temporary file that replaces the old one
 (`os.replace`), so an interrupt loses at most the entry being measured; a file that does not
 parse is set aside with a warning and rebuilt.
@@ -37,6 +39,7 @@ from qcompiler.errors import LoweringError
 from .targets import get_target
 
 FILE = "layer_costs.json"
+KERNELS = 2  # bump when the kernels a layer compiles to change, so cached costs are measured again
 UNITS = {"host": "ms", "arm": "instructions"}
 
 
@@ -122,9 +125,9 @@ def costs(entries: list[tuple[str, Callable[[], tuple]]], target: str, progress:
     path = cache_path(target)
     table, out = _read(path), []
     for i, (key, make) in enumerate(entries):
-        if key not in table:
+        if table.get(key, {}).get("kernels") != KERNELS:
             ir, inputs = make()
-            table[key] = {"value": measure(ir, inputs, target), "unit": unit(target)}
+            table[key] = {"value": measure(ir, inputs, target), "unit": unit(target), "kernels": KERNELS}
             _store(path, key, table[key])
             if progress:
                 progress(i + 1, len(entries), key, table[key]["value"])

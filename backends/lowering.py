@@ -107,14 +107,16 @@ def _dot_te(a, b, za: int, zb: int, b_batched: bool):
 def convert_linear_int(node, imp, weights=None):
     x, zx, w, b = _args(node, imp)
     lw = weights.get(node.args[2]) if weights else None
-    if lw is not None and lw.bits in PACKED_BITS:  # 4/2-bit weights: packed bytes, unpacked in the loop
+    # the target's dot-product kernel (`dot`; 4/2-bit weights unpacked once per call), else the
+    # packed kernel (sub-byte weights unpacked in the loop) or the plain int8 one
+    bits = lw.bits if lw is not None and lw.bits in PACKED_BITS else 8
+    acc = dot.emit_linear(imp.block_builder, x, zx, w, lw.values if lw else None, _shape(imp, x), bits)
+    if acc is None and bits in PACKED_BITS:
         stored, bits, span = _weight_rows(imp, weights, node, 2, w)
         acc = imp.block_builder.emit_te(kernels_int.packed_dot, x, stored, zx, bits, span)
         _reschedule(imp.block_builder, acc, kernels_int.split_blocks, "packed_dot_int", _shape(imp, x)[-1], bits, span)
-    else:  # int8: the target's dot-product kernel (`dot`), else the plain one
-        acc = dot.emit_linear(imp.block_builder, x, zx, w, lw.values if lw else None, _shape(imp, x))
-        if acc is None:
-            acc = imp.block_builder.emit_te(_dot_te, x, w, zx, 0, False)
+    elif acc is None:
+        acc = imp.block_builder.emit_te(_dot_te, x, w, zx, 0, False)
     return _emit(imp, R.add(acc, b)) if b is not None else acc
 
 
@@ -177,6 +179,11 @@ def convert_conv2d_int(node, imp, weights=None):
 
 def convert_linear_int_grouped(node, imp, weights=None):
     x, zx, sx, w, ws, group, b = _args(node, imp)
+    lw = weights.get(node.args[3]) if weights else None
+    y = dot.emit_grouped_linear(imp.block_builder, x, zx, float(sx), ws, group, lw.values if lw else None,
+                                _shape(imp, x), lw.bits if lw else 8)
+    if y is not None:  # the target's dot-product kernel per group, combined in float32
+        return _emit(imp, R.add(y, b)) if b is not None else y
     groups = _shape(imp, ws)[-1]
     stored, bits, span = _weight_rows(imp, weights, node, 3, w, pad_to=groups * group)
     y = imp.block_builder.emit_te(kernels_int.grouped_linear, x, stored, ws, b, zx, float(sx), bits, group, span)

@@ -12,6 +12,8 @@ Host table (milliseconds, median of benchmarks/host.py's RUNS calls after its wa
                       requantize/dequantize, float out (activation quantization included)
   qc w8a8 tuned       the same after MetaSchedule tuning (--trials, 0 skips it)
   w8a8 kernel         the int8 dot kernel(s) qc w8a8 runs (`backends/dot.py`, with the register tile)
+  qc w4a8 per-ch      4-bit per-channel weights (quant="w4a8g0"), int8 activations: the same
+                      u8 x s8 dot kernel, the packed weights unpacked per column of tiles inside it
   qc w4 w-only        weight-only int4 (group 128), float activations, through art(x)
   w4 kernel           the same layer's weight-only kernel alone (`kernels_weight_only`, built by
                       itself from the layer's quantized weights with the converter's schedule),
@@ -27,7 +29,7 @@ weights), then on full-range 8-bit weights avx2_s16s8 and avx2_sign (vpxor, the
 one w8a8 models get).
 
 Arm table: instructions executed inside the model's kernels (ELF symbols of the generated code),
-for fp32 vs w8a8 vs w4a8 vs w4 weight-only, and how many of them are SDOT. Counts are exact
+for fp32 vs w8a8 vs w4a8 (per channel and group 128) vs w4 weight-only, and how many of them are SDOT. Counts are exact
 and repeatable (QEMU TCG plugin, see backends/icount.py).
 
     python benchmarks/kernels.py [--trials 32] [--skip-arm] [--skip-host] [--only SUBSTRING] [--dot] [--w4-only] [--vs-ort]
@@ -208,7 +210,7 @@ def host_rows(trials: int, only: str = "") -> list[tuple]:
     torch.set_num_threads(1)
     bandwidth = copy_bandwidth()
     rows = [("layer", "torch fp32", "torch dyn int8", "ORT dyn int8", "qc w8a8", "qc w8a8 tuned",
-             "qc w4 w-only", "w4 kernel", "w4 bound", "w8a8 kernel")]
+             "qc w4a8 per-ch", "qc w4 w-only", "w4 kernel", "w4 bound", "w8a8 kernel")]
     for name, model, x in host_cases(only):
         calib = calib_for(x)
         with torch.no_grad():
@@ -222,14 +224,15 @@ def host_rows(trials: int, only: str = "") -> list[tuple]:
         if trials:
             tuned = qc.compile(model, x, quant="w8a8", calib=calib, tune=qc.Tune(trials=trials))
             t_tuned = median_ms(tuned, x)
-        t_w4 = t_kernel = bound = None
+        t_w4 = t_kernel = bound = t_w4a8 = None
         if is_linear:
+            t_w4a8 = median_ms(qc.compile(model, x, quant="w4a8g0", calib=calib), x)
             w4 = qc.compile(model, x, quant="w4g128", calib=calib)
             t_w4 = median_ms(w4, x)
             t_kernel = w4_kernel_ms(w4, x)[0]
             bound = w4_weight_bytes(*model[0].weight.shape) / bandwidth * 1e3
         fmt = [name] + [f"{v:.3f}" if v is not None else "-"
-                        for v in (t_fp32, t_dyn, t_ort, t_qc, t_tuned, t_w4, t_kernel, bound)]
+                        for v in (t_fp32, t_dyn, t_ort, t_qc, t_tuned, t_w4a8, t_w4, t_kernel, bound)]
         rows.append((*fmt, w8a8_kernels(art, x)))
     print(f"copy bandwidth (one core, 256 MiB): {bandwidth / 1e9:.2f} GB/s; {load()}")
     return rows
@@ -321,7 +324,8 @@ def arm_rows() -> list[tuple]:
     for n, k, t in [(768, 768, 16), (768, 768, 1)]:
         model, x = linear(n, k), torch.randn(t, k)
         base = None
-        for label, quant in [("fp32", None), ("w8a8", "w8a8"), ("w4a8", "w4a8"), ("w4 w-only", "w4g128")]:
+        for label, quant in [("fp32", None), ("w8a8", "w8a8"), ("w4a8 per-ch", "w4a8g0"), ("w4a8 g128", "w4a8"),
+                             ("w4 w-only", "w4g128")]:
             kw = {"pipeline": "fold-batchnorm"} if quant is None else {"quant": quant}
             art = qc.compile(model, x, target="arm", calib=calib_for(x), **kw)
             with icount.Counter() as counter:

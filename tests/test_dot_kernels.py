@@ -65,6 +65,31 @@ def test_linear_kernel_bit_exact(kernel, x_shape, n, zx, requantize):
     np.testing.assert_array_equal(got, ref)
 
 
+@needs_avx2
+@pytest.mark.parametrize("bits,x_shape,n,zx", [
+    (4, (16, 64), 32, 3),
+    (4, (2, 13, 70), 33, -128),  # ragged rows, K and N; a batch dimension
+    (2, (1, 70), 37, 5),  # one row (GEMV tile)
+    (2, (16, 256), 64, 0),  # tiles of L*S = 32 weights: 8 bytes at 2 bits
+])
+def test_sub_byte_weights_on_the_dot_kernel_bit_exact(bits, x_shape, n, zx):
+    """4- and 2-bit weights take the u8 x s8 kernel: stored packed (`bits` per weight, one packed
+    block per L x S tile), expanded by the kernel's vectorized unpack stage, and the result
+    equals the int64 reference, with the weights at both ends of their range."""
+    rng = np.random.default_rng(bits * 100 + n)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    x, _, b = _operands(rng, x_shape, n, 1)
+    w = rng.integers(lo, hi + 1, (n, x_shape[-1])).astype(np.int8)
+    w[0], w[1] = hi, lo
+    func, consts = dk.linear_kernel("avx2_u8s8", x_shape, w, zx, b, requantize=True, bits=bits)
+    assert str(func.attrs["qc.dot_schedule"]).endswith("fused")
+    kern = dot.KERNELS["avx2_u8s8"]
+    tiles = dot.packed_shape(n, x_shape[-1], kern, dot.tiles(kern, x_shape[-2], n)[1])
+    assert consts[0].dtype == np.uint8 and consts[0].size == np.prod(tiles) * bits // 8
+    ref = dk.reference_requantize(dk.reference_linear(x, zx, w, b))
+    np.testing.assert_array_equal(_run_host(func, [x, *consts], ref.shape, "int8"), ref)
+
+
 def test_u8s8_exactness_condition_at_its_boundary():
     """u8s8_pairs_exact: a pair of weights may hold up to 128 of positive (or negative) weight:
     255 * 128 fits int16, 255 * 129 does not."""
@@ -159,6 +184,11 @@ def test_sdot_kernel_bit_exact_under_qemu():
     got, counts = dk.arm_run(func, [x], consts, (8, 32), "int32", count=True)
     np.testing.assert_array_equal(got, dk.reference_linear(x, 9, w, b))
     assert counts.class_total("sdot") == 8 * 32 * 64 // 16  # tiles 4x4 (16 columns): no padding here
+    w4 = rng.integers(-8, 8, w.shape).astype(np.int8)  # 4-bit weights: packed, unpacked by the kernel
+    func, consts = dk.linear_kernel("sdot", x.shape, w4, 9, b, bits=4)
+    got, counts4 = dk.arm_run(func, [x], consts, (8, 32), "int32", count=True)
+    np.testing.assert_array_equal(got, dk.reference_linear(x, 9, w4, b))
+    assert consts[0].nbytes == w.size // 2 and counts4.class_total("sdot") == counts.class_total("sdot")
 
 
 class _Attention(torch.nn.Module):
@@ -186,6 +216,43 @@ def test_compile_uses_the_kernels_with_the_requantizer_fused():
     assert all(how.endswith("fused") for how in kernels.values()), kernels
     assert sum("right_shift" in name for name in kernels) == 3  # requantized (the last one dequantizes)
     xs = torch.randn(2, 8, 32)
+    assert torch.equal(art(xs), art.ir(xs))
+
+
+@needs_avx2
+@pytest.mark.parametrize("quant", ["w4a8g0", "w2a8g0"])
+def test_compile_sub_byte_per_channel_linears_use_the_dot_kernel(quant):
+    """qc.compile with 4- or 2-bit per-channel weights: every linear_int is the tensorized u8 x s8
+    kernel with its sub-byte weights unpacked in the kernel, and the output equals the IR's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10)).eval()
+    x = torch.randn(5, 64)
+    art = qc.compile(model, (x,), quant=quant, calib=[torch.randn(8, 64)])
+    with tvm.target.Target(HOST) as tgt:
+        mod = fused_kernels(to_relax(art.ir, (x,)), tgt)
+    kernels = scheduled_dots(mod)
+    assert len(kernels) == 2 and all(how.startswith("avx2_u8s8") and how.endswith("fused") for how in kernels.values())
+    assert all("qc_dot_unpack" in mod[name].script() for name in kernels)
+    xs = torch.randn(5, 64)
+    assert torch.equal(art(xs), art.ir(xs))
+
+
+@needs_avx2
+@pytest.mark.parametrize("quant,k", [("w4a8", 200), ("w2a8g32", 64), ("w8a8g64", 128)])
+def test_compile_grouped_linears_use_the_dot_kernel(quant, k):
+    """Group-wise weights (4-, 2- or 8-bit; K = 200 leaves a ragged last group of 72): the exact
+    int32 sum of each group on the tensorized kernel, the groups its batch dimension, combined
+    in float32 in group order as the IR's op adds them, so the output equals the IR's bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(k, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10)).eval()
+    x = torch.randn(2, 5, k)
+    art = qc.compile(model, (x,), quant=quant, calib=[torch.randn(4, 5, k)])
+    ops = [n.target.__name__ for n in art.ir.graph.nodes if n.op == "call_function"]
+    assert ops.count("linear_int_grouped.default") >= 1
+    with tvm.target.Target(HOST) as tgt:
+        kernels = scheduled_dots(fused_kernels(to_relax(art.ir, (x,)), tgt))
+    assert len(kernels) == 2 and all(how.endswith("fused") for how in kernels.values()), kernels
+    xs = torch.randn(2, 5, k)
     assert torch.equal(art(xs), art.ir(xs))
 
 

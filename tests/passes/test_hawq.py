@@ -263,6 +263,14 @@ def test_latency_costs_are_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(layer_costs, "measure", lambda *a, **k: pytest.fail("measured again"))
     again = run(copy_ir(ir0), text, calib_batches((8, 16)))
     assert again.meta["qc"]["hawq"]["layers"]["linear"]["cost"] == h["layers"]["linear"]["cost"]
+    # an entry measured on other kernels (an older revision) is not trusted: measured again
+    stale = {k: {**v, "kernels": layer_costs.KERNELS - 1, "value": 99.0} for k, v in table.items()}
+    layer_costs.cache_path("host").write_text(json.dumps(stale))
+    monkeypatch.setattr(layer_costs, "measure", lambda *a, **k: 0.5)
+    fresh = run(copy_ir(ir0), text, calib_batches((8, 16)))
+    assert set(fresh.meta["qc"]["hawq"]["layers"]["linear"]["cost"].values()) == {0.5}
+    stored = json.loads(layer_costs.cache_path("host").read_text())
+    assert {v["kernels"] for v in stored.values()} == {layer_costs.KERNELS}
 
 
 def test_infeasible_budget_names_the_smallest():
