@@ -41,6 +41,7 @@ intrinsic reads int8 weights as for 8 bits (4-bit weights are in [-8, 7], which 
 takes exactly) while the model stores 4 or 2 bits per weight. Group-wise weights
 (`emit_grouped_linear`) run the kernel with the groups as its batch dimension and combine the
 exact int32 sum of each group in float32, in group order, as `qc.linear_int_grouped` does.
+Convolutions with groups = 1 (`emit_conv2d`) are the linear kernel over im2col rows.
 
 Every kernel is a TE function whose dot block carries the annotation {"qc.dot": kernel,
 "qc.mr": MR, "qc.nr": NR, "qc.batch": batch dims}: rows are padded to a multiple of MR and weight
@@ -359,6 +360,50 @@ def emit_grouped_linear(bb, x, zx: int, sx: float, ws, group: int, w_value: np.n
     scale = bb.emit(R.reshape(R.multiply(R.permute_dims(ws, [1, 0]), relax.const(sx, "float32")), [groups, 1, n]))
     y = bb.emit(R.sum(R.multiply(R.astype(acc, "float32"), scale), axis=[0]))
     return bb.emit(R.reshape(y, [*x_shape[:-1], n]))
+
+
+def im2col_te(x: te.Tensor, zx: int, kh: int, kw: int, stride, padding, dilation) -> te.Tensor:
+    """cols[b*OH*OW + y*OW + x, (c*KH + i)*KW + j] = x[b, c, y*sh + i*dh - ph, x*sw + j*dw - pw]
+    for x [B, C, H, W], the zero point where that falls in the padding (so it adds nothing)."""
+    nb, c, h, w = _dims(x.shape)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def body(r, q):
+        b, y, xo = r // (oh * ow), (r // ow) % oh, r % ow
+        ci, i, j = q // (kh * kw), (q // kw) % kh, q % kw
+        yy, xx = y * sh + i * dh - ph, xo * sw + j * dw - pw
+        if not (ph or pw):
+            return x[b, ci, yy, xx]
+        inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
+        v = x[b, ci, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+        return tirx.if_then_else(inside, v, tirx.const(zx, x.dtype))
+
+    return te.compute((nb * oh * ow, c * kh * kw), body, name="qc_im2col")
+
+
+def emit_conv2d(bb, x, zx: int, w_value: np.ndarray | None, x_shape: list, stride, padding, dilation, bits: int):
+    """Emit conv2d_int's acc [B, O, OH, OW] (groups = 1) as the target's dot-product linear kernel
+    over the im2col rows of x (`im2col_te`: one row per output position, C*KH*KW wide) and the
+    weight as [O, C*KH*KW], stored at `bits`; None where the target or the operands call for
+    the plain conv kernel."""
+    if w_value is None or len(x_shape) != 4 or not all(isinstance(d, int) for d in x_shape):
+        return None
+    o, c, kh, kw = w_value.shape
+    rows_w = w_value.reshape(o, c * kh * kw)
+    kern = choose_linear(current_target(), rows_w)
+    if kern is None:
+        return None
+    R = relax.op
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (x_shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (x_shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    mr, nr = tiles(kern, x_shape[0] * oh * ow, o)
+    comp = compensation(rows_w, zx, kern)
+    cols = bb.emit_te(im2col_te, x, zx, kh, kw, stride, padding, dilation)
+    acc = bb.emit_te(linear_te, cols, relax.const(pack_weight(rows_w, kern, nr, bits)),
+                     None if comp is None else relax.const(comp), o, zx, kern.name, mr, nr, bits)
+    return bb.emit(R.permute_dims(R.reshape(acc, [x_shape[0], oh, ow, o]), [0, 3, 1, 2]))
 
 
 def emit_matmul(bb, a, b, za: int, zb: int, a_shape: list, b_shape: list):

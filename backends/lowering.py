@@ -169,9 +169,15 @@ def _pair(v) -> list[int]:
 
 def convert_conv2d_int(node, imp, weights=None):
     x, zx, w, b, stride, padding, dilation, groups = _args(node, imp)
-    stored, bits, span = _weight_rows(imp, weights, node, 2, w)
-    acc = imp.block_builder.emit_te(kernels_int.conv2d_int, x, stored, zx, bits, span, _shape(imp, w),
-                                    _pair(stride), _pair(padding), _pair(dilation), int(groups))
+    lw = weights.get(node.args[2]) if weights else None
+    acc = None
+    if int(groups) == 1 and lw is not None:  # the target's dot-product kernel over im2col rows
+        acc = dot.emit_conv2d(imp.block_builder, x, zx, lw.values, _shape(imp, x), _pair(stride), _pair(padding),
+                              _pair(dilation), lw.bits if lw.bits in PACKED_BITS else 8)
+    if acc is None:
+        stored, bits, span = _weight_rows(imp, weights, node, 2, w)
+        acc = imp.block_builder.emit_te(kernels_int.conv2d_int, x, stored, zx, bits, span, _shape(imp, w),
+                                        _pair(stride), _pair(padding), _pair(dilation), int(groups))
     if b is None:
         return acc
     return _emit(imp, R.add(acc, R.reshape(b, [1, -1, 1, 1])))

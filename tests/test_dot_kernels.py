@@ -256,6 +256,38 @@ def test_compile_grouped_linears_use_the_dot_kernel(quant, k):
     assert torch.equal(art(xs), art.ir(xs))
 
 
+class _Convs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.b = torch.nn.Conv2d(16, 24, 1)
+        self.c = torch.nn.Conv2d(24, 8, 3, padding=2, dilation=2)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise: stays on the plain conv kernel
+
+    def forward(self, x):
+        return self.dw(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+@needs_avx2
+@pytest.mark.parametrize("pipeline", [
+    "fake-quant(w=8,a=8),calibrate,convert",
+    "fake-quant(w=4,a=8,a_symmetric=false),calibrate,convert",  # zero points: the padding holds them
+    "fake-quant(w=2,a=8),calibrate,convert",
+])
+def test_compile_convs_use_the_dot_kernel_over_im2col_rows(pipeline):
+    """conv2d_int with groups = 1 (strided, padded, dilated, 1x1) runs as the dot kernel over
+    im2col rows, at 8, 4 and 2 bits; a depthwise conv keeps the plain kernel; the output equals
+    the IR's exactly."""
+    torch.manual_seed(0)
+    model, x = _Convs().eval(), torch.randn(2, 3, 15, 13)
+    art = qc.compile(model, (x,), pipeline=pipeline, calib=[torch.randn(4, 3, 15, 13)])
+    with tvm.target.Target(HOST) as tgt:
+        kernels = scheduled_dots(fused_kernels(to_relax(art.ir, (x,)), tgt))
+    assert len(kernels) == 3 and all(how.endswith("fused") for how in kernels.values()), kernels
+    xs = torch.randn(2, 3, 15, 13)
+    assert torch.equal(art(xs), art.ir(xs))
+
+
 def test_schedule_rejects_tiles_that_do_not_divide_the_padding():
     """A register tile that does not divide the tile the operands were padded to is a
     LoweringError naming the valid divisors; a function without a dot kernel is refused."""
