@@ -106,6 +106,11 @@ def _llvm(target) -> bool:
     return target is not None and target.kind.name == "llvm"
 
 
+def available(target) -> bool:
+    """Whether `target` (a tvm Target, or None) has one of the linear kernels' instruction sets."""
+    return _llvm(target) and any(_has(target, KERNELS[name].features) for name in ("vnni", "avx2_sign", "sdot"))
+
+
 def choose_linear(target, w: np.ndarray | None) -> DotKernel | None:
     """The fastest exact kernel for a linear layer with constant weight `w` [N, K] on `target`
     (a tvm Target), or None for the plain TE kernel."""

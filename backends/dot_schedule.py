@@ -41,6 +41,7 @@ from .dot import ANNOTATION, KERNELS
 
 PANEL_BYTES = 8192  # weight bytes of one K chunk of a column of tiles (`_k_chunk`)
 UNPACK = "qc_dot_unpack"  # the stage expanding 4/2-bit weights (`dot._unpack_stage`)
+IM2COL = "qc_im2col"  # the rows of a convolution (`dot.im2col_te`)
 SCHEDULE_ATTR = "qc.dot_schedule"  # "<kernel> <MR>x<NR> [k<chunk>] fused|root": what `schedule_dot` did
 
 
@@ -116,8 +117,11 @@ def _fused(sch, dot, kern, mr, nr, nb) -> int:
     at = names.index(sch.get(dot).name_hint)
     stages = [b for b in sch.get_producers(dot)]
     prologue = [b for b in top[:at] if sch.get(b).name_hint not in {sch.get(s).name_hint for s in stages}]
-    for b in prologue:  # elementwise ops feeding the operands: computed inside the operand stage
-        _try(sch.compute_inline, b)
+    for b in prologue:  # elementwise ops feeding the operands: computed inside the operand stage,
+        if any(sch.get(c).name_hint == IM2COL for c in sch.get_consumers(b)):  # except im2col, which reads
+            _try(_vectorize_inner, sch, b, 16)  # each input KH*KW times: computed once, a stage of its own
+        else:
+            _try(sch.compute_inline, b)
     for b in top[at + 1:-1]:  # bias, requantizer, ...: inlined into one epilogue block
         if not _reduces(sch, b):  # a row sum (the sign kernel's `qc_dot_neg`) stays a loop of its own
             sch.compute_inline(b)
@@ -218,16 +222,17 @@ def ScheduleDots(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass
 def dot_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """The target's default Relax pipeline (`relax.get_default_pipeline` for LLVM CPU targets)
     with `ScheduleDots` right after fusion, then (CPUs with vector units: not the thumb
-    microcontrollers) `reduction_schedule.ScheduleRowSums`; other targets get their default
-    pipeline."""
+    microcontrollers) `window_schedule.ScheduleDepthwise` and `reduction_schedule.ScheduleRowSums`;
+    other targets get their default pipeline."""
     if target.kind.name != "llvm":
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as stages  # (its package omits dataflow_lower_passes)
 
     from .reduction_schedule import ScheduleRowSums
+    from .window_schedule import ScheduleDepthwise
 
-    rows = [] if str(target.attrs.get("mtriple", "")).startswith("thumb") else [ScheduleRowSums]
-    passes = (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *rows]
+    vector = [] if str(target.attrs.get("mtriple", "")).startswith("thumb") else [ScheduleDepthwise, ScheduleRowSums]
+    passes = (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *vector]
               + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
 
     @tvm.transform.module_pass(opt_level=0, name="qc.DotPipeline")

@@ -9,6 +9,8 @@ With w(n, k) the weight unpacked from its storage p (`weight_value`):
                         y[..., n] = sum_g float(acc[..., n, g]) * (s_w[n, g] * s_x) + b[n]
     conv2d_int          acc[b, o, y, x] = sum_{c,i,j} (xp[b, (o // O_g) C_g + c, y sh + i dh,
                         x sw + j dw] - zx) * w(o, (c KH + i) KW + j)   (xp: x padded with zx)
+    depthwise_int       acc[b, c, y, x] = sum_{i,j} (xp[b, c, y sh + i dh, x sw + j dw] - zx) * w[c, i KW + j]
+                        (int8 weight, terms written out: for CPUs, `window_schedule`)
 
 Every integer product and sum is exact in int32 ((x - zx) * w terms below 2^15 in magnitude, fewer than 2^16 of them),
 so the integer kernels equal the `qc` reference ops bit for bit; the float one (grouped_linear's
@@ -26,6 +28,8 @@ serve only what it does not take: dynamic shapes, and grouped or depthwise convo
 """
 
 from __future__ import annotations
+
+import functools
 
 import tvm
 from tvm import te
@@ -80,6 +84,30 @@ def grouped_linear(x: te.Tensor, p: te.Tensor, ws: te.Tensor, bias, zx: int, sx:
     if bias is None:
         return y
     return te.compute(y.shape, lambda *i: y[i] + bias[i[-1]], name="group_bias")
+
+
+def depthwise_int(x: te.Tensor, w: te.Tensor, zx: int, kh: int, kw: int, stride, padding, dilation) -> te.Tensor:
+    """Depthwise NCHW convolution (one input channel per output channel) with the int8 weight
+    w [C, KH*KW]: acc[b, c, y, x] = sum_{i,j} (xp[b, c, y sh + i dh, x sw + j dw] - zx) w[c, i KW + j],
+    the KH*KW terms written out (no reduction loop), so the block is elementwise over the
+    output and LLVM vectorizes it along x; xp is x padded with zx, a stage of its own."""
+    n, c, h, wd = (int(d) for d in x.shape)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = x
+    if ph or pw:
+        zpad = tvm.tirx.const(zx, x.dtype)
+        xp = te.compute((n, c, h + 2 * ph, wd + 2 * pw), lambda b, ci, yy, xx: tvm.tirx.if_then_else(
+            tvm.tirx.all(yy >= ph, yy < h + ph, xx >= pw, xx < wd + pw), x[b, ci, yy - ph, xx - pw], zpad),
+            name="pad_zp")
+
+    def body(b, ci, y, xo):
+        terms = [_minus(xp[b, ci, y * sh + i * dh, xo * sw + j * dw].astype("int32"), zx)
+                 * w[ci, i * kw + j].astype("int32") for i in range(kh) for j in range(kw)]
+        return functools.reduce(lambda a, t: a + t, terms)
+
+    return te.compute((n, c, oh, ow), body, name="depthwise_int")
 
 
 def conv2d_int(x: te.Tensor, p: te.Tensor, zx: int, bits: int, span: int, wshape, stride, padding,

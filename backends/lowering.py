@@ -171,9 +171,16 @@ def convert_conv2d_int(node, imp, weights=None):
     x, zx, w, b, stride, padding, dilation, groups = _args(node, imp)
     lw = weights.get(node.args[2]) if weights else None
     acc = None
+    xs = _shape(imp, x)
     if int(groups) == 1 and lw is not None:  # the target's dot-product kernel over im2col rows
-        acc = dot.emit_conv2d(imp.block_builder, x, zx, lw.values, _shape(imp, x), _pair(stride), _pair(padding),
+        acc = dot.emit_conv2d(imp.block_builder, x, zx, lw.values, xs, _pair(stride), _pair(padding),
                               _pair(dilation), lw.bits if lw.bits in PACKED_BITS else 8)
+    elif (lw is not None and int(groups) == xs[1] == lw.values.shape[0] and all(isinstance(d, int) for d in xs)
+          and dot.available(dot.current_target())):  # depthwise: its tiny weight as int8, vectorized along x
+        kh, kw = lw.values.shape[2:]
+        rows = relax.const(lw.values.reshape(lw.values.shape[0], kh * kw).astype("int8"))
+        acc = imp.block_builder.emit_te(kernels_int.depthwise_int, x, rows, zx, kh, kw, _pair(stride),
+                                        _pair(padding), _pair(dilation))
     if acc is None:
         stored, bits, span = _weight_rows(imp, weights, node, 2, w)
         acc = imp.block_builder.emit_te(kernels_int.conv2d_int, x, stored, zx, bits, span, _shape(imp, w),

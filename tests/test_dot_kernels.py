@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from tvm import s_tir
 from tvm.target.codegen import llvm_cpu_has_features
 
 import qcompiler as qc
@@ -285,6 +286,34 @@ def test_compile_convs_use_the_dot_kernel_over_im2col_rows(pipeline):
         kernels = scheduled_dots(fused_kernels(to_relax(art.ir, (x,)), tgt))
     assert len(kernels) == 3 and all(how.endswith("fused") for how in kernels.values()), kernels
     xs = torch.randn(2, 3, 15, 13)
+    assert torch.equal(art(xs), art.ir(xs))
+
+
+@needs_avx2
+@pytest.mark.parametrize("hw,stride,padding", [(14, 1, 1), (16, 2, 1), (12, 1, 0)])
+def test_depthwise_conv_is_scheduled_in_two_passes_and_exact(hw, stride, padding):
+    """A depthwise conv fused with its quantize and requantize is scheduled as two vectorized
+    passes (`window_schedule`): the quantize computed once per input element inside the
+    zero-point padding (not once per window tap), then conv + requantize per output; rows of 14
+    vectorize with the columns fused. The output equals the IR's exactly."""
+    from qcompiler.backends.window_schedule import schedule_depthwise
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(24, 24, 3, stride=stride, padding=padding, groups=24),
+                                torch.nn.ReLU6()).eval()
+    x = torch.randn(1, 24, hw, hw)
+    art = qc.compile(model, (x,), calib=[torch.randn(2, 24, hw, hw)])
+    with tvm.target.Target(HOST) as tgt:
+        mod = fused_kernels(to_relax(art.ir, (x,)), tgt)
+    (func,) = [f for gv, f in mod.functions.items() if "depthwise_int" in gv.name_hint]
+    done = schedule_depthwise(func)
+    sch = s_tir.Schedule(done)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert len(names) == 2 and (names[0] == "pad_zp") == bool(padding) and done.attrs["tirx.is_scheduled"]
+    first, last = done.script().split(f'T.sblock("{names[1]}")')
+    assert "nearbyint" in first and "nearbyint" not in last  # the rounding: once per input element
+    assert done.script().count("T.vectorized") == 2  # each pass's innermost loop
+    xs = torch.randn(1, 24, hw, hw)
     assert torch.equal(art(xs), art.ir(xs))
 
 
