@@ -27,7 +27,7 @@ import torch
 from qcompiler.errors import LoweringError
 from qcompiler.ir import widen_batch
 
-from . import dot, kernels_int, kernels_weight_only, packing, weights as weight_table
+from . import dot, dot_layers, kernels_int, kernels_weight_only, packing, weights as weight_table
 from .packing import PACKED_BITS
 from .hadamard import convert_hadamard
 
@@ -173,7 +173,7 @@ def convert_conv2d_int(node, imp, weights=None):
     acc = None
     xs = _shape(imp, x)
     if int(groups) == 1 and lw is not None:  # the target's dot-product kernel over im2col rows
-        acc = dot.emit_conv2d(imp.block_builder, x, zx, lw.values, xs, _pair(stride), _pair(padding),
+        acc = dot_layers.emit_conv2d(imp.block_builder, x, zx, lw.values, xs, _pair(stride), _pair(padding),
                               _pair(dilation), lw.bits if lw.bits in PACKED_BITS else 8)
     elif (lw is not None and int(groups) == xs[1] == lw.values.shape[0] and all(isinstance(d, int) for d in xs)
           and dot.available(dot.current_target())):  # depthwise: its tiny weight as int8, vectorized along x
@@ -193,7 +193,7 @@ def convert_conv2d_int(node, imp, weights=None):
 def convert_linear_int_grouped(node, imp, weights=None):
     x, zx, sx, w, ws, group, b = _args(node, imp)
     lw = weights.get(node.args[3]) if weights else None
-    y = dot.emit_grouped_linear(imp.block_builder, x, zx, float(sx), ws, group, lw.values if lw else None,
+    y = dot_layers.emit_grouped_linear(imp.block_builder, x, zx, float(sx), ws, group, lw.values if lw else None,
                                 _shape(imp, x), lw.bits if lw else 8)
     if y is not None:  # the target's dot-product kernel per group, combined in float32
         return _emit(imp, R.add(y, b)) if b is not None else y
