@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te, tirx
 
-from .dot import _dims, choose_linear, compensation, current_target, linear_te, pack_weight, tiles
+from .dot import DotKernel, _dims, choose_linear, compensation, current_target, linear_te, pack_weight, tiles
 
 
 def grouped_operands(w: np.ndarray, group: int, zx: int, kern: DotKernel, nr: int, bits: int):

@@ -107,7 +107,7 @@ def _dot_te(a, b, za: int, zb: int, b_batched: bool):
 def convert_linear_int(node, imp, weights=None):
     x, zx, w, b = _args(node, imp)
     lw = weights.get(node.args[2]) if weights else None
-    # the target's dot-product kernel (`dot`; 4/2-bit weights unpacked once per call), else the
+    # the target's dot-product kernel (`dot`; 4/2-bit weights unpacked inside it), else the
     # packed kernel (sub-byte weights unpacked in the loop) or the plain int8 one
     bits = lw.bits if lw is not None and lw.bits in PACKED_BITS else 8
     acc = dot.emit_linear(imp.block_builder, x, zx, w, lw.values if lw else None, _shape(imp, x), bits)
