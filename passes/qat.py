@@ -54,6 +54,8 @@ from .qat_graph import (attentions, flat_outputs, float_teacher, quantized_qk, r
                         teacher_name, view)
 from .qat_losses import (CodeGrid, attention_loss, code_grids, distill_output, distribution_loss, entropy_loss,
                          feature_loss, task_loss)
+from .qat_oscillation import Oscillation
+from .qat_params import QuantParams, fake_quants
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,6 @@ class Taps:
         """What the student view of `phase` ("ti" or "main") returns."""
         grid_names = [name for g in self.grids for name in g.names]
         return self.feats + self.qk + self.maps + (self.intervene if phase == "ti" else []) + grid_names
-from .qat_oscillation import Oscillation
-from .qat_params import QuantParams, fake_quants
 
 
 @register("qat")
