@@ -90,21 +90,35 @@ def depthwise_int(x: te.Tensor, w: te.Tensor, zx: int, kh: int, kw: int, stride,
     """Depthwise NCHW convolution (one input channel per output channel) with the int8 weight
     w [C, KH*KW]: acc[b, c, y, x] = sum_{i,j} (xp[b, c, y sh + i dh, x sw + j dw] - zx) w[c, i KW + j],
     the KH*KW terms written out (no reduction loop), so the block is elementwise over the
-    output and LLVM vectorizes it along x; xp is x padded with zx, a stage of its own."""
+    output and vectorizes along x. With padding or a column stride, xp (x padded with zx) is a
+    stage of its own, `pad_zp`, its columns split by phase, xs[b, c, y, p, q] = xp[b, c, y, q sw + p]
+    (q padded to a multiple of 8 with zx: whole vectors), so that every tap reads consecutive
+    columns, xs[.., (j dw) % sw, x + (j dw) // sw]."""
     n, c, h, wd = (int(d) for d in x.shape)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    xp = x
-    if ph or pw:
-        zpad = tvm.tirx.const(zx, x.dtype)
-        xp = te.compute((n, c, h + 2 * ph, wd + 2 * pw), lambda b, ci, yy, xx: tvm.tirx.if_then_else(
-            tvm.tirx.all(yy >= ph, yy < h + ph, xx >= pw, xx < wd + pw), x[b, ci, yy - ph, xx - pw], zpad),
-            name="pad_zp")
+    staged = bool(ph or pw or sw > 1)
+    if staged:
+        zpad, cols = tvm.tirx.const(zx, x.dtype), (-(-(wd + 2 * pw) // sw) + 7) // 8 * 8
+        clamp = tvm.tirx.max
+
+        def padded(b, ci, yy, p, q):
+            xx = q * sw + p
+            inside = tvm.tirx.all(yy >= ph, yy < h + ph, xx >= pw, xx < wd + pw)
+            v = x[b, ci, clamp(tvm.tirx.min(yy - ph, h - 1), 0), clamp(tvm.tirx.min(xx - pw, wd - 1), 0)]
+            return tvm.tirx.if_then_else(inside, v, zpad)
+
+        xs = te.compute((n, c, h + 2 * ph, sw, cols), padded, name="pad_zp")
+
+    def tap(b, ci, yy, xo, j):
+        if staged:
+            return xs[b, ci, yy, (j * dw) % sw, xo + (j * dw) // sw]
+        return x[b, ci, yy, xo + j * dw]
 
     def body(b, ci, y, xo):
-        terms = [_minus(xp[b, ci, y * sh + i * dh, xo * sw + j * dw].astype("int32"), zx)
-                 * w[ci, i * kw + j].astype("int32") for i in range(kh) for j in range(kw)]
+        terms = [_minus(tap(b, ci, y * sh + i * dh, xo, j).astype("int32"), zx) * w[ci, i * kw + j].astype("int32")
+                 for i in range(kh) for j in range(kw)]
         return functools.reduce(lambda a, t: a + t, terms)
 
     return te.compute((n, c, oh, ow), body, name="depthwise_int")
