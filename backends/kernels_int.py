@@ -24,7 +24,8 @@ Schedules, applied by the converters before fusion: `split_blocks` splits the re
 the integer linear kernels along the packed blocks (the innermost loop then reads contiguous
 bytes and LLVM vectorizes the integer sum; the block body, hence fusion, is unchanged).
 conv2d_int is left to the default lowering. On targets with a dot-product kernel (`dot`) these
-serve only what it does not take: dynamic shapes, and grouped or depthwise convolutions.
+serve only what it does not take: dynamic shapes and grouped convolutions, depthwise ones by
+`depthwise_int` (scheduled after fusion by `window_schedule`).
 """
 
 from __future__ import annotations
