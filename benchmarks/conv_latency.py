@@ -28,6 +28,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 import qcompiler as qc  # noqa: E402
+from kernels import table  # noqa: E402  (benchmarks/kernels.py: one markdown table printer)
 
 WARMUP = 5
 QUANTS = ("w8a8", "w4a8g0")
@@ -89,11 +90,7 @@ def main() -> None:
             rows.append(row("EfficientNet-Lite0", model, (1, 3, 224, 224), max(5, args.runs // 5)))
     print(f"\nms, minimum over {args.runs} calls (EfficientNet: {max(5, args.runs // 5)}) after {WARMUP} warm-up, "
           f"one thread (TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']})\n")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print(table(rows))
 
 
 if __name__ == "__main__":
