@@ -41,7 +41,7 @@ from .dot import ANNOTATION, KERNELS
 
 PANEL_BYTES = 8192  # weight bytes of one K chunk of a column of tiles (`_k_chunk`)
 UNPACK = "qc_dot_unpack"  # the stage expanding 4/2-bit weights (`dot._unpack_stage`)
-IM2COL = "qc_im2col"  # the rows of a convolution (`dot.im2col_te`)
+IM2COL = "qc_im2col"  # the rows of a convolution (`dot_layers.im2col_te`)
 SCHEDULE_ATTR = "qc.dot_schedule"  # "<kernel> <MR>x<NR> [k<chunk>] fused|root": what `schedule_dot` did
 
 
@@ -136,7 +136,7 @@ def _fused(sch, dot, kern, mr, nr, nb) -> int:
     one_tile = isinstance(rows, tirx.IntImm) and int(rows) == 1  # nothing to share a chunk with
     kc = 0 if one_tile else _k_chunk(sch.get(sch.get_loops(dot)[-2]).extent, kern, nr)
     sch.compute_at(dot, jo if kc else mo, preserve_unit_loops=True)
-    for stage in stages:  # operands per batch, next to their use; sub-byte weights unpacked once per call
+    for stage in stages:  # operands per batch, next to their use
         if sch.get(stage).name_hint == UNPACK:  # a column's weights, unpacked into L1 before its row tiles
             sch.compute_at(stage, jo, preserve_unit_loops=True)
             _try(_vectorize_tiles, sch, stage, int(sch.get(stage).reads[0].source.shape[-1]))

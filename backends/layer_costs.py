@@ -18,9 +18,9 @@ layer alike, so they shift that layer's row of the table and not the choice betw
 Cache: `layer_costs.json` in the target's tuning-database folder (`tuning_db.default_dir` of
 the key `tuning.target_key` gives it), one entry per key (layer kind, shapes, widths,
 granularity; the caller builds it), value, unit and `KERNELS`, the revision of the kernels it
-was measured on: an entry of another revision is measured again (in session 13 the 4- and
-2-bit linears moved to the dot-product kernels, 4-12x faster on the host). Each new entry is merged under the
-database's exclusive file lock and written to a temporary file that replaces the old one
+was measured on: an entry of another revision is measured again (revision 2: the 4/2-bit
+linears and the convolutions moved to the dot-product kernels, 4-200x faster on the host).
+Each new entry is merged under the database's exclusive file lock and written to a temporary file that replaces the old one
 (`os.replace`), so an interrupt loses at most the entry being measured; a file that does not
 parse is set aside with a warning and rebuilt.
 """
