@@ -219,26 +219,34 @@ def ScheduleDots(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass
     return mod
 
 
-def dot_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The target's default Relax pipeline (`relax.get_default_pipeline` for LLVM CPU targets)
-    with `ScheduleDots` right after fusion, then (CPUs with vector units: not the thumb
-    microcontrollers) `window_schedule.ScheduleDepthwise` and `reduction_schedule.ScheduleRowSums`;
-    other targets get their default pipeline."""
-    if target.kind.name != "llvm":
-        return relax.get_default_pipeline(target)
+def pipeline_parts(target: tvm.target.Target) -> tuple[list, list]:
+    """The passes of `dot_pipeline` for an LLVM target, in two parts: the kernels (library
+    dispatch, legalize, fusion, then the hand schedules: `ScheduleDots` and, on CPUs with vector
+    units (not the thumb microcontrollers), `window_schedule.ScheduleDepthwise` and
+    `reduction_schedule.ScheduleRowSums`, each marking what it schedules `tirx.is_scheduled`),
+    and the rest (lowering and finalization). A tuned build runs MetaSchedule between the two."""
     from tvm.relax.backend.cpu_generic import pipeline as stages  # (its package omits dataflow_lower_passes)
 
     from .reduction_schedule import ScheduleRowSums
     from .window_schedule import ScheduleDepthwise
 
     vector = [] if str(target.attrs.get("mtriple", "")).startswith("thumb") else [ScheduleDepthwise, ScheduleRowSums]
-    passes = (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *vector]
-              + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
+    return (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *vector],
+            stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
+
+
+def dot_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The target's default Relax pipeline (`relax.get_default_pipeline` for LLVM CPU targets)
+    with the hand schedules of `pipeline_parts` right after fusion; other targets get their
+    default pipeline."""
+    if target.kind.name != "llvm":
+        return relax.get_default_pipeline(target)
+    kernels, rest = pipeline_parts(target)
 
     @tvm.transform.module_pass(opt_level=0, name="qc.DotPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            return tvm.transform.Sequential(passes)(mod)
+            return tvm.transform.Sequential(kernels + rest)(mod)
 
     return _pipeline
 
@@ -250,10 +258,7 @@ def scheduled_dots(mod: tvm.IRModule) -> dict[str, str]:
 
 
 def fused_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """`mod` after the first half of `dot_pipeline` (library dispatch, legalize, fusion,
-    ScheduleDots): the kernels as they will be compiled, for inspection."""
-    from tvm.relax.backend.cpu_generic import pipeline as stages
-
+    """`mod` after the first part of `pipeline_parts` (library dispatch, legalize, fusion, the
+    hand schedules): the kernels as they will be compiled, for inspection."""
     with target:
-        return tvm.transform.Sequential(stages.library_dispatch_passes(target) + stages.legalize_passes(target)
-                                        + [ScheduleDots])(mod)
+        return tvm.transform.Sequential(pipeline_parts(target)[0])(mod)

@@ -3,8 +3,8 @@
 `qc.compile(model, x, tune=qc.Tune(trials=64))` runs, inside the host build:
 
  1. kernel stage: the build pipeline up to the kernels (library dispatch, legalize, FuseOps,
-    FuseTIR, then `ScheduleDots` schedules the tensorized int8 kernels and marks them
-    `tirx.is_scheduled`) on a copy of the module; `ms.relax_integration.extract_tasks` keys
+    FuseTIR, then the hand schedules of `dot_schedule.pipeline_parts`: the tensorized int8
+    kernels, depthwise convs and row sums, marked `tirx.is_scheduled`) on a copy of the module; `ms.relax_integration.extract_tasks` keys
     the PrimFuncs by structural hash (one task per distinct kernel).
  2. tuning (`tuning_search`): kernels that are scheduled, dynamic-shaped or already in the
     database are left alone; `trials` measurements are shared by the others; each kernel is
@@ -199,20 +199,17 @@ def target_key(target: str, tgt, rpc: RPC | None) -> str:
 
 
 def _stages(tgt):
-    """The host build pipeline (`dot_schedule.dot_pipeline`: the target's default Relax
-    pipeline with `ScheduleDots` after fusion) in two parts: up to the kernels MetaSchedule
-    sees (library dispatch, legalize, fuse, then the tensorized dot kernels scheduled and
-    marked `tirx.is_scheduled`), and the rest."""
+    """The build pipeline in two parts: up to the kernels MetaSchedule sees, and the rest. For
+    LLVM targets these are `dot_schedule.pipeline_parts` (library dispatch, legalize, fuse, then
+    the hand-scheduled kernels, marked `tirx.is_scheduled`: the int8 dots, depthwise convs and
+    row sums); for the others, Relax's generic passes."""
+    if tgt.kind.name == "llvm":
+        from .dot_schedule import pipeline_parts
+
+        return pipeline_parts(tgt)
     from tvm.relax import pipeline as passes
 
-    extra = []
-    if tgt.kind.name == "llvm":  # tvm.relax.backend.cpu_generic does not export dataflow_lower_passes
-        from tvm.relax.backend.cpu_generic import pipeline as passes
-
-        from .dot_schedule import ScheduleDots
-
-        extra = [ScheduleDots]
-    return (passes.library_dispatch_passes(tgt) + passes.legalize_passes(tgt) + extra,
+    return (passes.library_dispatch_passes(tgt) + passes.legalize_passes(tgt),
             passes.dataflow_lower_passes(tgt) + passes.finalize_passes(tgt))
 
 

@@ -296,8 +296,6 @@ def test_depthwise_conv_is_scheduled_in_two_passes_and_exact(hw, stride, padding
     passes (`window_schedule`): the quantize computed once per input element inside the
     zero-point padding (not once per window tap), then conv + requantize per output; rows of 14
     vectorize with the columns fused. The output equals the IR's exactly."""
-    from qcompiler.backends.window_schedule import schedule_depthwise
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(24, 24, 3, stride=stride, padding=padding, groups=24),
                                 torch.nn.ReLU6()).eval()
@@ -305,8 +303,7 @@ def test_depthwise_conv_is_scheduled_in_two_passes_and_exact(hw, stride, padding
     art = qc.compile(model, (x,), calib=[torch.randn(2, 24, hw, hw)])
     with tvm.target.Target(HOST) as tgt:
         mod = fused_kernels(to_relax(art.ir, (x,)), tgt)
-    (func,) = [f for gv, f in mod.functions.items() if "depthwise_int" in gv.name_hint]
-    done = schedule_depthwise(func)
+    (done,) = [f for gv, f in mod.functions.items() if "depthwise_int" in gv.name_hint]  # as the build schedules it
     sch = s_tir.Schedule(done)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     assert len(names) == 2 and (names[0] == "pad_zp") == bool(padding) and done.attrs["tirx.is_scheduled"]

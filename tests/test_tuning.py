@@ -164,6 +164,27 @@ def test_selection_skips_scheduled_dynamic_and_stored_kernels(records):
     assert tuning_search.select(dynamic, ms.database.MemoryDatabase(), summary) == [] and len(summary.dynamic) == 2
 
 
+def test_kernel_stage_keeps_the_hand_schedules():
+    """A tuned build's kernel stage runs the default build's hand schedules: a quantized
+    depthwise conv (`window_schedule`) is marked scheduled and tuning leaves it alone, rather than
+    building it unscheduled (its quantize rounded once per window tap) when the budget runs out."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompiler.backends.lowering import to_relax
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 8, 8, 8)
+    art = qc.compile(model, (x,), calib=[torch.randn(2, 8, 8, 8)])
+    tgt = tuning.tuning_target("host", qc.Tune())
+    with tgt:
+        kernels = tuning.kernel_stage(tgt)(to_relax(art.ir, (x,)))
+    summary = tuning.TuneSummary("db")
+    todo = tuning_search.select(ms.relax_integration.extract_tasks(kernels, tgt), ms.database.MemoryDatabase(), summary)
+    assert [n for n in summary.scheduled if "depthwise_int" in n], summary.scheduled
+    assert not [t.task_name for t in todo if "depthwise_int" in t.task_name]
+
+
 def test_apply_pipeline_builds_the_same_code(records):
     """The tuned build pipeline (kernel stage, apply database, rest) gives the default build's
     results: with no records nothing is replaced, with a record per kernel every kernel is."""
