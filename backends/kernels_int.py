@@ -9,8 +9,8 @@ With w(n, k) the weight unpacked from its storage p (`weight_value`):
                         y[..., n] = sum_g float(acc[..., n, g]) * (s_w[n, g] * s_x) + b[n]
     conv2d_int          acc[b, o, y, x] = sum_{c,i,j} (xp[b, (o // O_g) C_g + c, y sh + i dh,
                         x sw + j dw] - zx) * w(o, (c KH + i) KW + j)   (xp: x padded with zx)
-    depthwise_int       acc[b, c, y, x] = sum_{i,j} (xp[b, c, y sh + i dh, x sw + j dw] - zx) * w[c, i KW + j]
-                        (int8 weight, terms written out: for CPUs, `window_schedule`)
+    depthwise_int       acc[b, y, x, c] = sum_{i,j} (xp[b, y sh + i dh, x sw + j dw, c] - zx) * w[i KW + j, c]
+                        (NHWC, int8 weight, terms written out: for CPUs, `window_schedule`)
 
 Every integer product and sum is exact in int32 ((x - zx) * w terms below 2^15 in magnitude, fewer than 2^16 of them),
 so the integer kernels equal the `qc` reference ops bit for bit; the float one (grouped_linear's
@@ -88,41 +88,32 @@ def grouped_linear(x: te.Tensor, p: te.Tensor, ws: te.Tensor, bias, zx: int, sx:
 
 
 def depthwise_int(x: te.Tensor, w: te.Tensor, zx: int, kh: int, kw: int, stride, padding, dilation) -> te.Tensor:
-    """Depthwise NCHW convolution (one input channel per output channel) with the int8 weight
-    w [C, KH*KW]: acc[b, c, y, x] = sum_{i,j} (xp[b, c, y sh + i dh, x sw + j dw] - zx) w[c, i KW + j],
-    the KH*KW terms written out (no reduction loop), so the block is elementwise over the
-    output and vectorizes along x. With padding or a column stride, xp (x padded with zx) is a
-    stage of its own, `pad_zp`, its columns split by phase, xs[b, c, y, p, q] = xp[b, c, y, q sw + p]
-    (q padded to a multiple of 8 with zx: whole vectors), so that every tap reads consecutive
-    columns, xs[.., (j dw) % sw, x + (j dw) // sw]."""
-    n, c, h, wd = (int(d) for d in x.shape)
+    """Depthwise convolution (one input channel per output channel) in NHWC, channels innermost,
+    with the int8 weight w [KH*KW, C]: acc[b, y, x, c] = sum_{i,j} (xp[b, y sh + i dh,
+    x sw + j dw, c] - zx) w[i KW + j, c], the KH*KW terms written out (no reduction loop), so the
+    block is elementwise over the output and vectorizes along the channels, whatever the stride.
+    With padding, xp (x padded with zx) is a stage of its own, `pad_zp`."""
+    n, h, wd, c = (int(d) for d in x.shape)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    staged = bool(ph or pw or sw > 1)
-    if staged:
-        zpad, cols = tvm.tirx.const(zx, x.dtype), (-(-(wd + 2 * pw) // sw) + 7) // 8 * 8
-        clamp = tvm.tirx.max
+    xp = x
+    if ph or pw:
+        zpad, clamp = tvm.tirx.const(zx, x.dtype), tvm.tirx.max
 
-        def padded(b, ci, yy, p, q):
-            xx = q * sw + p
+        def padded(b, yy, xx, ci):  # the read clamped in bounds: both sides of the select are evaluated
             inside = tvm.tirx.all(yy >= ph, yy < h + ph, xx >= pw, xx < wd + pw)
-            v = x[b, ci, clamp(tvm.tirx.min(yy - ph, h - 1), 0), clamp(tvm.tirx.min(xx - pw, wd - 1), 0)]
+            v = x[b, clamp(tvm.tirx.min(yy - ph, h - 1), 0), clamp(tvm.tirx.min(xx - pw, wd - 1), 0), ci]
             return tvm.tirx.if_then_else(inside, v, zpad)
 
-        xs = te.compute((n, c, h + 2 * ph, sw, cols), padded, name="pad_zp")
+        xp = te.compute((n, h + 2 * ph, wd + 2 * pw, c), padded, name="pad_zp")
 
-    def tap(b, ci, yy, xo, j):
-        if staged:
-            return xs[b, ci, yy, (j * dw) % sw, xo + (j * dw) // sw]
-        return x[b, ci, yy, xo + j * dw]
-
-    def body(b, ci, y, xo):
-        terms = [_minus(tap(b, ci, y * sh + i * dh, xo, j).astype("int32"), zx) * w[ci, i * kw + j].astype("int32")
-                 for i in range(kh) for j in range(kw)]
+    def body(b, y, xo, ci):
+        terms = [_minus(xp[b, y * sh + i * dh, xo * sw + j * dw, ci].astype("int32"), zx)
+                 * w[i * kw + j, ci].astype("int32") for i in range(kh) for j in range(kw)]
         return functools.reduce(lambda a, t: a + t, terms)
 
-    return te.compute((n, c, oh, ow), body, name="depthwise_int")
+    return te.compute((n, oh, ow, c), body, name="depthwise_int")
 
 
 def conv2d_int(x: te.Tensor, p: te.Tensor, zx: int, bits: int, span: int, wshape, stride, padding,

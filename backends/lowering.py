@@ -176,11 +176,12 @@ def convert_conv2d_int(node, imp, weights=None):
         acc = dot_layers.emit_conv2d(imp.block_builder, x, zx, lw.values, xs, _pair(stride), _pair(padding),
                               _pair(dilation), lw.bits if lw.bits in PACKED_BITS else 8)
     elif (lw is not None and int(groups) == xs[1] == lw.values.shape[0] and all(isinstance(d, int) for d in xs)
-          and dot.available(dot.current_target())):  # depthwise: its tiny weight as int8, vectorized along x
+          and dot.available(dot.current_target())):  # depthwise: NHWC, vectorized along the channels
         kh, kw = lw.values.shape[2:]
-        rows = relax.const(lw.values.reshape(lw.values.shape[0], kh * kw).astype("int8"))
-        acc = imp.block_builder.emit_te(kernels_int.depthwise_int, x, rows, zx, kh, kw, _pair(stride),
-                                        _pair(padding), _pair(dilation))
+        taps = relax.const(lw.values.reshape(lw.values.shape[0], kh * kw).T.astype("int8"))  # [KH*KW, C]: its tiny weight as int8
+        nhwc = imp.block_builder.emit_te(kernels_int.depthwise_int, _emit(imp, R.permute_dims(x, [0, 2, 3, 1])), taps,
+                                         zx, kh, kw, _pair(stride), _pair(padding), _pair(dilation))
+        acc = _emit(imp, R.permute_dims(nhwc, [0, 3, 1, 2]))  # fused away: the dot kernels' rows are NHWC too
     if acc is None:
         stored, bits, span = _weight_rows(imp, weights, node, 2, w)
         acc = imp.block_builder.emit_te(kernels_int.conv2d_int, x, stored, zx, bits, span, _shape(imp, w),

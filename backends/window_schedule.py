@@ -1,18 +1,23 @@
 """Schedule of the depthwise convolution kernels (`kernels_int.depthwise_int`) after fusion.
 
-FuseOps puts a depthwise conv, the quantize before it and the requantize after it into one
-PrimFunc. Compiled as written, the reads of the zero-point padding stage (`pad_zp`) and of the
-quantize chain stay full-size loops that LLVM does not always vectorize; left to a default
-schedule that inlines every elementwise block, the quantize (a divide and a rounding per
-element) is inlined into the window reads and computed KH*KW times per input element (a 3x3
-depthwise conv of 672 channels at 14x14 took 17 ms instead of under 1 ms). `ScheduleDepthwise`:
+The depthwise kernel runs in NHWC (channels innermost), between Relax permutes from and back
+to the graph's NCHW. FuseOps puts it into one PrimFunc with the quantize before it and the
+requantize after it and, in a MobileNet/EfficientNet block, with the layouts of the dot-kernel
+convolutions around it: the expand conv's output rows [B*H*W, C] before (its permute to NCHW and
+the depthwise's permute to NHWC compose to a plain read) and the project conv's im2col rows
+after. Compiled as written, every block is a full-size loop over a materialized buffer; left
+to a default schedule that inlines every elementwise block, the quantize (a divide and a
+rounding per element) would be inlined into the window reads and computed KH*KW times per
+input element (a 3x3 depthwise conv of 672 channels at 14x14 took 17 ms instead of under
+1 ms). `ScheduleDepthwise`:
 
 - inlines the prologue (the quantize chain) into the padding stage, which reads each input
   element once (without padding, into the chain's last block: one stage, materialized once);
 - inlines the conv (its KH*KW terms written out, no reduction) and the epilogue into the
   last block, so each output is computed, requantized and stored in one pass;
-- vectorizes the innermost loops (rows, or rows and columns fused, in chunks that divide them;
-  a row of 14 left to LLVM ran 20x slower than vectorized);
+- vectorizes the innermost loops (the channels in NHWC stages and rows; the columns of an
+  NCHW output), in the widest chunk of 16, 8 or 4 that divides them, or with the next loop
+  fused when none does (a row of 14 left to LLVM ran 20x slower than vectorized);
 - marks the function `tirx.is_scheduled`.
 
 The arithmetic is unchanged (inlining moves where a value is computed, not how), so the
@@ -34,9 +39,9 @@ def _width(loop_extent) -> int:
 
 
 def _vectorize_rows(sch, block) -> None:
-    """The innermost loop of `block` (a row, contiguous in memory) vectorized in the widest chunk
-    of 16, 8 or 4 lanes that divides it; else the two innermost loops fused and vectorized so
-    (rows of 14 or 7: the lanes then span rows); else left scalar."""
+    """The innermost loop of `block` (contiguous in memory: channels, or an NCHW row) vectorized
+    in the widest chunk of 16, 8 or 4 lanes that divides it; else the two innermost loops fused
+    and vectorized so (rows of 14 or 7: the lanes then span rows); else left scalar."""
     loops = sch.get_loops(block)
     width = _width(sch.get(loops[-1]).extent)
     if width:
