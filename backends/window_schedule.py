@@ -14,7 +14,9 @@ input element (a 3x3 depthwise conv of 672 channels at 14x14 took 17 ms instead 
 - inlines the prologue (the quantize chain) into the padding stage, which reads each input
   element once (without padding, into the chain's last block: one stage, materialized once);
 - inlines the conv (its KH*KW terms written out, no reduction) and the epilogue into the
-  last block, so each output is computed, requantized and stored in one pass;
+  last block, so each output is computed, requantized and stored in one pass; when that block
+  writes NCHW (a float output, another kernel's input), the conv stays an NHWC stage of its own
+  (each tap a whole vector of channels), and the epilogue reads it transposed;
 - vectorizes the innermost loops (the channels in NHWC stages and rows; the columns of an
   NCHW output), in the widest chunk of 16, 8 or 4 that divides them, or with the next loop
   fused when none does (a row of 14 left to LLVM ran 20x slower than vectorized);
@@ -65,9 +67,13 @@ def schedule_depthwise(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     first = names.index(PAD) if PAD in names[:at] else at - 1  # the stage the conv reads
     for b in top[:max(first, 0)]:  # the quantize chain, computed once per input element in that stage
         sch.compute_inline(b)
-    for b in top[at:-1]:  # the conv and its epilogue, into the output block
-        sch.compute_inline(b)
-    for name in {names[first], names[-1]} if first >= 0 else {names[-1]}:
+    conv_shape = [int(d) for d in sch.get(top[at]).writes[0].source.shape]  # [B, OH, OW, C]
+    out_shape = [int(d) for d in sch.get(top[-1]).writes[0].source.shape]
+    channels_last = out_shape[-1] == conv_shape[-1] and out_shape != [conv_shape[i] for i in (0, 3, 1, 2)]
+    for b in top[at if channels_last else at + 1:-1]:  # the conv and its epilogue, into the output block
+        sch.compute_inline(b)  # (an NCHW output: the conv stays a stage, so its taps read whole channel vectors)
+    stages = [names[first]] if first >= 0 else []
+    for name in dict.fromkeys(stages + ([] if channels_last else [CONV]) + [names[-1]]):
         _vectorize_rows(sch, sch.get_sblock(name))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 

@@ -291,11 +291,12 @@ def test_compile_convs_use_the_dot_kernel_over_im2col_rows(pipeline):
 
 @needs_avx2
 @pytest.mark.parametrize("hw,stride,padding", [(14, 1, 1), (16, 2, 1), (12, 1, 0)])
-def test_depthwise_conv_is_scheduled_in_two_passes_and_exact(hw, stride, padding):
-    """A depthwise conv fused with its quantize and requantize is scheduled as two vectorized
-    passes (`window_schedule`): the quantize computed once per input element inside the
-    zero-point padding (not once per window tap), then conv + requantize per output; rows of 14
-    vectorize with the columns fused. The output equals the IR's exactly."""
+def test_depthwise_conv_between_nchw_tensors_is_scheduled_in_three_passes_and_exact(hw, stride, padding):
+    """A depthwise conv fused with its quantize and requantize, between NCHW float tensors, is
+    scheduled as three vectorized passes (`window_schedule`): the quantize computed once per
+    input element inside the NHWC zero-point padding (not once per window tap), the conv along
+    the channels, then the requantize into the NCHW output (rows of 14 vectorize with the
+    columns fused). The output equals the IR's exactly."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(24, 24, 3, stride=stride, padding=padding, groups=24),
                                 torch.nn.ReLU6()).eval()
@@ -306,10 +307,11 @@ def test_depthwise_conv_is_scheduled_in_two_passes_and_exact(hw, stride, padding
     (done,) = [f for gv, f in mod.functions.items() if "depthwise_int" in gv.name_hint]  # as the build schedules it
     sch = s_tir.Schedule(done)
     names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    assert len(names) == 2 and (names[0] == "pad_zp") == bool(padding) and done.attrs["tirx.is_scheduled"]
-    first, last = done.script().split(f'T.sblock("{names[1]}")')
-    assert "nearbyint" in first and "nearbyint" not in last  # the rounding: once per input element
-    assert done.script().count("T.vectorized") == 2  # each pass's innermost loop
+    assert len(names) == 3 and names[1] == "depthwise_int" and (names[0] == "pad_zp") == bool(padding)
+    assert done.attrs["tirx.is_scheduled"]
+    first, rest = done.script().split('T.sblock("depthwise_int")')
+    assert "nearbyint" in first and "nearbyint" not in rest  # the rounding: once per input element
+    assert done.script().count("T.vectorized") == 3  # each pass's innermost loop
     xs = torch.randn(1, 24, hw, hw)
     assert torch.equal(art(xs), art.ir(xs))
 
