@@ -222,15 +222,18 @@ def ScheduleDots(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass
 def pipeline_parts(target: tvm.target.Target) -> tuple[list, list]:
     """The passes of `dot_pipeline` for an LLVM target, in two parts: the kernels (library
     dispatch, legalize, fusion, then the hand schedules: `ScheduleDots` and, on CPUs with vector
-    units (not the thumb microcontrollers), `window_schedule.ScheduleDepthwise` and
-    `reduction_schedule.ScheduleRowSums`, each marking what it schedules `tirx.is_scheduled`),
+    units (not the thumb microcontrollers), `window_schedule.ScheduleDepthwise`,
+    `reduction_schedule.ScheduleRowSums` and `injective_schedule.ScheduleInjective`, the int8
+    and elementwise ones marking what they schedule `tirx.is_scheduled`),
     and the rest (lowering and finalization). A tuned build runs MetaSchedule between the two."""
     from tvm.relax.backend.cpu_generic import pipeline as stages  # (its package omits dataflow_lower_passes)
 
+    from .injective_schedule import ScheduleInjective
     from .reduction_schedule import ScheduleRowSums
     from .window_schedule import ScheduleDepthwise
 
-    vector = [] if str(target.attrs.get("mtriple", "")).startswith("thumb") else [ScheduleDepthwise, ScheduleRowSums]
+    vector = ([] if str(target.attrs.get("mtriple", "")).startswith("thumb")
+              else [ScheduleDepthwise, ScheduleRowSums, ScheduleInjective])
     return (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *vector],
             stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
 

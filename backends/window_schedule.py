@@ -40,7 +40,7 @@ def _width(loop_extent) -> int:
     return next((w for w in (16, 8, 4) if isinstance(loop_extent, tirx.IntImm) and int(loop_extent) % w == 0), 0)
 
 
-def _vectorize_rows(sch, block) -> None:
+def vectorize_rows(sch, block) -> None:
     """The innermost loop of `block` (contiguous in memory: channels, or an NCHW row) vectorized
     in the widest chunk of 16, 8 or 4 lanes that divides it; else the two innermost loops fused
     and vectorized so (rows of 14 or 7: the lanes then span rows); else left scalar."""
@@ -74,7 +74,7 @@ def schedule_depthwise(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         sch.compute_inline(b)  # (an NCHW output: the conv stays a stage, so its taps read whole channel vectors)
     stages = [names[first]] if first >= 0 else []
     for name in dict.fromkeys(stages + ([] if channels_last else [CONV]) + [names[-1]]):
-        _vectorize_rows(sch, sch.get_sblock(name))
+        vectorize_rows(sch, sch.get_sblock(name))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

@@ -343,6 +343,41 @@ def test_depthwise_between_dot_convs_runs_channels_last_in_one_kernel():
     assert torch.equal(art(xs), art.ir(xs))
 
 
+@needs_avx2
+def test_ops_between_convs_are_one_kernel_of_vectorized_stages_and_exact():
+    """The ops between two 3x3 convs (the first's NHWC rows, requantize, ReLU, the second's
+    im2col rows) are one kernel of two vectorized stages (`injective_schedule`): the quantized
+    input in NHWC [1, H, W, C], once per element, then the rows, each tap C consecutive values;
+    the float output after the last conv is one block. Every kernel is scheduled; functions with
+    a reduction or a single block are left alone. The output equals the IR's."""
+    from tvm import te, topi
+
+    from qcompiler.backends.injective_schedule import schedule_injective
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)).eval()
+    x = torch.randn(1, 8, 12, 12)
+    art = qc.compile(model, (x,), calib=[torch.randn(2, 8, 12, 12)])
+    with tvm.target.Target(HOST) as tgt:
+        mod = fused_kernels(to_relax(art.ir, (x,)), tgt)
+    blocks = {}
+    for gv, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            assert f.attrs["tirx.is_scheduled"], gv.name_hint
+            sch = s_tir.Schedule(f)
+            blocks[gv.name_hint] = [[int(d) for d in sch.get(b).writes[0].source.shape]
+                                    for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert sorted(b for b in blocks.values() if len(b) == 2) == [[[1, 12, 12, 8], [144, 72]],
+                                                                  [[1, 12, 12, 16], [36, 144]]]
+    assert [[1, 32, 6, 6]] in blocks.values()
+    xs = torch.randn(1, 8, 12, 12)
+    assert torch.equal(art(xs), art.ir(xs))
+    a = te.placeholder((4, 64), "float32", "a")
+    assert schedule_injective(te.create_prim_func([a, topi.nn.softmax(a)])) is None
+    assert schedule_injective(te.create_prim_func([a, topi.exp(a)])) is None
+
+
 def test_schedule_rejects_tiles_that_do_not_divide_the_padding():
     """A register tile that does not divide the tile the operands were padded to is a
     LoweringError naming the valid divisors; a function without a dot kernel is refused."""
