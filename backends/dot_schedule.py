@@ -225,17 +225,20 @@ def pipeline_parts(target: tvm.target.Target) -> tuple[list, list]:
     units (not the thumb microcontrollers), `window_schedule.ScheduleDepthwise`,
     `reduction_schedule.ScheduleRowSums` and `injective_schedule.ScheduleInjective`, the int8
     and elementwise ones marking what they schedule `tirx.is_scheduled`),
-    and the rest (lowering and finalization). A tuned build runs MetaSchedule between the two."""
+    and the rest (`exact_floats.FenceProducts` where LLVM generates the code: float products not
+    fused into a multiply-add, as the reference rounds them; then lowering and finalization). A tuned build runs MetaSchedule
+    between the two."""
     from tvm.relax.backend.cpu_generic import pipeline as stages  # (its package omits dataflow_lower_passes)
 
+    from .exact_floats import FenceProducts
     from .injective_schedule import ScheduleInjective
     from .reduction_schedule import ScheduleRowSums
     from .window_schedule import ScheduleDepthwise
 
-    vector = ([] if str(target.attrs.get("mtriple", "")).startswith("thumb")
-              else [ScheduleDepthwise, ScheduleRowSums, ScheduleInjective])
+    thumb = str(target.attrs.get("mtriple", "")).startswith("thumb")  # microcontrollers: C, built without contraction
+    vector = [] if thumb else [ScheduleDepthwise, ScheduleRowSums, ScheduleInjective]
     return (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *vector],
-            stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
+            ([] if thumb else [FenceProducts]) + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
 
 
 def dot_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:

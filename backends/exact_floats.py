@@ -1,4 +1,6 @@
-"""Exact float constants in the C and OpenCL C that TVM generates (cortex-m*, mali targets).
+"""Float arithmetic in generated code that rounds as the reference does: exact float constants
+in the C and OpenCL C that TVM generates (cortex-m*, mali targets), and no fused multiply-add
+in the LLVM CPU kernels (host, arm; `fence_products` at the end of this docstring).
 
 TVM 0.27's source code generators (CodeGenC, and CodeGenOpenCL through it) print a float
 constant with `std::scientific` at its default precision, 7 significant digits: the float32
@@ -26,6 +28,18 @@ the library that `mali_deploy` exports both pass through it). Nothing fails sile
 malformed marker is a `LoweringError`, and source built with `PIPELINE` but not passed through
 `hex_literals` calls undefined functions, which the compiler rejects. Half-precision constants
 are not rewritten (7 digits round-trip a float16).
+
+No contraction (LLVM targets): TVM's LLVM code generator allows fusing a * b + c into one
+fused multiply-add (one rounding instead of two), and does wherever the product feeds the sum
+in one expression. The reference (torch ops, one rounding per op) rounds twice, so after the
+schedules inline a dequantize (x - z) * s into a residual add, a value on a rounding boundary
+of the next quantize could land one step away (EfficientNet-Lite0: 1 input in 17 had its
+logits off by one output step). `FenceProducts` (a Relax-level module pass over the PrimFuncs,
+before lowering) wraps each float product that an add or subtract reads in
+`llvm.arithmetic.fence`, which LLVM does not fuse across and which costs no instruction. The
+float sums of reductions (matmul and layer_norm accumulations, `acc = acc + a * b`: their
+order differs from torch's anyway, checked to a tolerance) keep their fused multiply-adds.
+The C and OpenCL targets get the same by compiler flags (`mcu_project`, `mali_dot`).
 """
 
 from __future__ import annotations
@@ -125,3 +139,48 @@ def _pipeline():
 
 
 tvm.tirx.compilation_pipeline.register_tir_pipeline(PIPELINE, _pipeline)
+
+
+FENCE = "llvm.arithmetic.fence"
+
+
+def _is_float(expr) -> bool:
+    return str(expr.ty.dtype).startswith("float")
+
+
+def _fenced_operands(expr):
+    """An add or subtract with its float product operands fenced (LLVM fuses neither)."""
+    if not _is_float(expr):
+        return expr
+    a, b = (tirx.call_llvm_pure_intrin(str(o.ty.dtype), FENCE, o) if isinstance(o, tirx.Mul) else o
+            for o in (expr.a, expr.b))
+    return expr if a.same_as(expr.a) and b.same_as(expr.b) else type(expr)(a, b)
+
+
+def _accumulates(store) -> bool:
+    """The store is a reduction update, buf[i] = buf[i] + ... (either operand)."""
+    value = store.value
+    return isinstance(value, tirx.Add) and any(
+        isinstance(o, tvm.ir.expr.TensorLoad) and o.source.same_as(store.buffer) for o in (value.a, value.b))
+
+
+def _store(store):
+    if not _is_float(store.value) or _accumulates(store):
+        return store
+    value = tvm_ffi.structural_map(store.value, ((tirx.Add, tirx.Sub), _fenced_operands))
+    return store if value.same_as(store.value) else tirx.BufferStore(store.buffer, value, store.indices)
+
+
+@tvm.transform.module_pass(opt_level=0, name="qc.FenceProducts")
+def FenceProducts(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named like TVM's)
+    """Every float product read by an add or subtract, outside reduction updates, behind
+    `llvm.arithmetic.fence` (see the module docstring); for the PrimFuncs of LLVM targets."""
+    updates = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            new = tvm_ffi.structural_map(func, (tirx.BufferStore, _store))
+            if not new.same_as(func):
+                updates[gv] = new
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod

@@ -173,3 +173,34 @@ def test_group_scales_are_summed_in_the_order_of_the_reference(target):
                      calib=[torch.randn(16, 640) for _ in range(2)])
     assert any(str(n.target).startswith("qc.linear_int_grouped") for n in art.ir.graph.nodes)
     assert torch.equal(art(x), art.ir(x))
+
+
+def test_host_kernels_round_products_before_sums_as_the_reference():
+    """TVM's LLVM code generator fuses a * b + c into a multiply-add (one rounding); after
+    `FenceProducts` each product is rounded before the sum, as torch's separate ops round it,
+    so the kernel equals numpy's float32 a * b + c bit for bit; the product in a reduction
+    update (a float dot product) keeps its multiply-add. The pass is in the host pipeline."""
+    from tvm import te
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    from qcompiler.backends.dot_schedule import pipeline_parts
+    from qcompiler.backends.targets import get_target, tvm_target
+
+    host = tvm.target.Target(tvm_target(get_target("host")))
+    assert exact_floats.FenceProducts in pipeline_parts(host)[1]
+    a, b, c = (te.placeholder((4096,), "float32", n) for n in "abc")
+    k = te.reduce_axis((0, 4096), "k")
+    func = te.create_prim_func([a, b, c, te.compute((4096,), lambda i: a[i] * b[i] + c[i], name="d"),
+                                te.compute((1,), lambda i: te.sum(a[k] * b[k], axis=k), name="dot")])
+    fenced = exact_floats.FenceProducts(tvm.IRModule({"main": func}))["main"]
+    assert fenced.script().count("llvm.arithmetic.fence") == 1  # the elementwise product only
+    rng = np.random.default_rng(0)
+    x, y, z = (rng.standard_normal(4096).astype(np.float32) for _ in range(3))
+    outs = {}
+    for name, f in (("plain", func), ("fenced", fenced)):
+        args = [tvm.runtime.tensor(v) for v in (x, y, z, np.zeros(4096, np.float32), np.zeros(1, np.float32))]
+        tvm.tirx.build(f, target=host)(*args)
+        outs[name] = args[3].numpy()
+    assert np.array_equal(outs["fenced"], x * y + z)
+    if llvm_cpu_has_features("fma", host):  # the plain build does fuse, so this test can fail
+        assert not np.array_equal(outs["plain"], x * y + z)
