@@ -221,13 +221,14 @@ def ScheduleDots(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass
 
 def pipeline_parts(target: tvm.target.Target) -> tuple[list, list]:
     """The passes of `dot_pipeline` for an LLVM target, in two parts: the kernels (library
-    dispatch, legalize, fusion, then the hand schedules: `ScheduleDots` and, on CPUs with vector
-    units (not the thumb microcontrollers), `window_schedule.ScheduleDepthwise`,
-    `reduction_schedule.ScheduleRowSums` and `injective_schedule.ScheduleInjective`, the int8
-    and elementwise ones marking what they schedule `tirx.is_scheduled`),
-    and the rest (`exact_floats.FenceProducts` where LLVM generates the code: float products not
-    fused into a multiply-add, as the reference rounds them; then lowering and finalization). A tuned build runs MetaSchedule
-    between the two."""
+    dispatch, legalize, fusion, then the hand schedules that mark what they schedule
+    `tirx.is_scheduled`: `ScheduleDots` and, on CPUs with vector units (not the thumb
+    microcontrollers), `window_schedule.ScheduleDepthwise` and `injective_schedule.ScheduleInjective`),
+    and the rest (on those CPUs `reduction_schedule.ScheduleRowSums` for the float sums left
+    unscheduled and `exact_floats.FenceProducts`: float products not fused into a multiply-add,
+    as the reference rounds them; then lowering and finalization). A tuned build runs
+    MetaSchedule between the two, so it tunes the float kernels with sums and the row-sum
+    schedule takes only those it did not tune."""
     from tvm.relax.backend.cpu_generic import pipeline as stages  # (its package omits dataflow_lower_passes)
 
     from .exact_floats import FenceProducts
@@ -236,9 +237,10 @@ def pipeline_parts(target: tvm.target.Target) -> tuple[list, list]:
     from .window_schedule import ScheduleDepthwise
 
     thumb = str(target.attrs.get("mtriple", "")).startswith("thumb")  # microcontrollers: C, built without contraction
-    vector = [] if thumb else [ScheduleDepthwise, ScheduleRowSums, ScheduleInjective]
+    vector = [] if thumb else [ScheduleDepthwise, ScheduleInjective]
     return (stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ScheduleDots, *vector],
-            ([] if thumb else [FenceProducts]) + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
+            ([] if thumb else [ScheduleRowSums, FenceProducts])
+            + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))
 
 
 def dot_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:

@@ -1,6 +1,6 @@
 """Float arithmetic in generated code that rounds as the reference does: exact float constants
 in the C and OpenCL C that TVM generates (cortex-m*, mali targets), and no fused multiply-add
-in the LLVM CPU kernels (host, arm; `fence_products` at the end of this docstring).
+in the LLVM CPU kernels (host, arm; `FenceProducts`, at the end of this docstring).
 
 TVM 0.27's source code generators (CodeGenC, and CodeGenOpenCL through it) print a float
 constant with `std::scientific` at its default precision, 7 significant digits: the float32
@@ -174,7 +174,8 @@ def _store(store):
 @tvm.transform.module_pass(opt_level=0, name="qc.FenceProducts")
 def FenceProducts(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named like TVM's)
     """Every float product read by an add or subtract, outside reduction updates, behind
-    `llvm.arithmetic.fence` (see the module docstring); for the PrimFuncs of LLVM targets."""
+    `llvm.arithmetic.fence` (see the module docstring); `dot_schedule.pipeline_parts` runs it
+    for LLVM targets only."""
     updates = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc):

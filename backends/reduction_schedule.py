@@ -1,7 +1,7 @@
 """Vectorized row sums for the float kernels no other schedule touches (layer_norm, softmax,
 and the quantize/dequantize stages fused with them; also the K sums of float matmuls, so fp32
-builds vectorize their dot products) on CPU targets. Tuned builds (`tuning`) leave these
-kernels to MetaSchedule instead.
+builds vectorize their dot products) on CPU targets. Tuned builds (`tuning`) give these
+kernels to MetaSchedule first; the pass takes those it did not tune.
 
 TVM's default CPU pipeline compiles these PrimFuncs as written: each sum over a row is one
 chain of float adds (LLVM may not reorder float adds), so a layer_norm over 256 channels waits

@@ -4,7 +4,7 @@
 
  1. kernel stage: the build pipeline up to the kernels (library dispatch, legalize, FuseOps,
     FuseTIR, then the hand schedules of `dot_schedule.pipeline_parts`: the tensorized int8
-    kernels, depthwise convs and row sums, marked `tirx.is_scheduled`) on a copy of the module; `ms.relax_integration.extract_tasks` keys
+    kernels, depthwise convs and elementwise kernels, marked `tirx.is_scheduled`) on a copy of the module; `ms.relax_integration.extract_tasks` keys
     the PrimFuncs by structural hash (one task per distinct kernel).
  2. tuning (`tuning_search`): kernels that are scheduled, dynamic-shaped or already in the
     database are left alone; `trials` measurements are shared by the others; each kernel is
@@ -202,7 +202,8 @@ def _stages(tgt):
     """The build pipeline in two parts: up to the kernels MetaSchedule sees, and the rest. For
     LLVM targets these are `dot_schedule.pipeline_parts` (library dispatch, legalize, fuse, then
     the hand-scheduled kernels, marked `tirx.is_scheduled`: the int8 dots, depthwise convs and
-    row sums); for the others, Relax's generic passes."""
+    elementwise kernels; the row sums MetaSchedule did not tune are scheduled in the rest); for
+    the others, Relax's generic passes."""
     if tgt.kind.name == "llvm":
         from .dot_schedule import pipeline_parts
 
@@ -243,7 +244,10 @@ def apply_pipeline(target: str, tune: Tune, database, summary: TuneSummary):
             mod = tvm.transform.Sequential(kernels)(mod)
         with tuning_target(target, tune), database:  # the target the records were measured for
             applied = relax.transform.MetaScheduleApplyDatabase()(mod)
-        summary.applied = sum(1 for gv, f in applied.functions.items() if not f.same_as(mod[gv]))
+        tuned = [gv for gv, f in applied.functions.items() if not f.same_as(mod[gv])]
+        summary.applied = len(tuned)
+        for gv in tuned:  # its best schedule: the later hand schedules (row sums) leave it alone
+            applied[gv] = applied[gv].with_attr("tirx.is_scheduled", True)
         with tgt:
             return tvm.transform.Sequential(rest)(applied)
 
