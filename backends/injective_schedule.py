@@ -7,9 +7,11 @@ pipeline compiles such a function as written: every block a full loop nest over 
 its own (the dequantize of a 64-channel 56x56 conv output: six 800 KB buffers, 0.47 ms).
 `ScheduleInjective`, for a function whose blocks are all spatial (no reduction):
 
-- inlines every block into its consumers, except the last block and the blocks a window
-  stage reads (`qc_im2col`, `pad_zp`: inlined there, a quantize would be computed once per
-  window tap instead of once per element), which stay stages;
+- inlines every block into its consumers, except the last block, the blocks a window stage
+  reads (`qc_im2col`, `pad_zp`: inlined there, a quantize would be computed once per window
+  tap instead of once per element) and the blocks a consumer reads more than once per element
+  (a butterfly stage of `qc.hadamard` reads two: inlined, the expression of a chain of them
+  would double with every stage), which stay stages;
 - vectorizes the innermost loop of each remaining stage (`window_schedule.vectorize_rows`);
 - marks the function `tirx.is_scheduled`.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import warnings
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 
 from .window_schedule import vectorize_rows
@@ -32,6 +35,20 @@ def _spatial(sch, block) -> bool:
     return all(int(v.iter_type) == tirx.IterVar.DataPar for v in sch.get(block).iter_vars)
 
 
+def _loads(sch, consumer, buffer) -> int:
+    """How many times the body of `consumer` reads `buffer`."""
+    found = []
+    tvm_ffi.structural_walk(sch.get(consumer).body, (tvm.ir.expr.TensorLoad,
+                                                      lambda load: found.append(load.source.same_as(buffer))))
+    return sum(found)
+
+
+def _stays(sch, block) -> bool:
+    """The block stays a stage: a window stage or a consumer reading it more than once needs it."""
+    buffer = sch.get(block).writes[0].source
+    return any(sch.get(c).name_hint in WINDOWS or _loads(sch, c, buffer) > 1 for c in sch.get_consumers(block))
+
+
 def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """func scheduled as the module docstring says, or None if it is a single block or has a
     reduction."""
@@ -41,7 +58,7 @@ def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         return None
     stages = [top[-1]]
     for block in top[:-1]:
-        if any(sch.get(c).name_hint in WINDOWS for c in sch.get_consumers(block)):
+        if _stays(sch, block):
             stages.append(block)
         else:
             sch.compute_inline(block)

@@ -376,6 +376,11 @@ def test_ops_between_convs_are_one_kernel_of_vectorized_stages_and_exact():
     a = te.placeholder((4, 64), "float32", "a")
     assert schedule_injective(te.create_prim_func([a, topi.nn.softmax(a)])) is None
     assert schedule_injective(te.create_prim_func([a, topi.exp(a)])) is None
+    pairs = te.compute((4, 64), lambda i, j: a[i, j] + a[i, j ^ 1], name="pairs")  # a butterfly reads two
+    butterfly = te.compute((4, 64), lambda i, j: pairs[i, j] - pairs[i, j ^ 2], name="butterfly")
+    sch = s_tir.Schedule(schedule_injective(te.create_prim_func([a, butterfly])))
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert names == ["pairs", "butterfly"]  # read twice per element: a stage, not inlined
 
 
 def test_schedule_rejects_tiles_that_do_not_divide_the_padding():
