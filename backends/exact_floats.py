@@ -185,3 +185,17 @@ def FenceProducts(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pas
     for gv, func in updates.items():
         mod[gv] = func
     return mod
+
+
+def _fence_value(store):
+    if not _is_float(store.value):
+        return store
+    fenced = tirx.call_llvm_pure_intrin(str(store.value.ty.dtype), FENCE, store.value)
+    return tirx.BufferStore(store.buffer, fenced, store.indices)
+
+
+def fence_stored_values(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """func with every float value a block stores behind `llvm.arithmetic.fence`: inlined into a
+    consumer, the value is still computed as written. Without it TVM's simplifier rewrites the
+    combined float expression as if it were exact (x + 1.5 - 1.5 becomes x, a rounding lost)."""
+    return tvm_ffi.structural_map(func, (tirx.BufferStore, _fence_value))

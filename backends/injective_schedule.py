@@ -15,7 +15,10 @@ its own (the dequantize of a 64-channel 56x56 conv output: six 800 KB buffers, 0
 - vectorizes the innermost loop of each remaining stage (`window_schedule.vectorize_rows`);
 - marks the function `tirx.is_scheduled`.
 
-Inlining moves where a value is computed, not how, so the results are unchanged bit for bit.
+Inlining moves where a value is computed, not how: each float value a block stores is first
+put behind `llvm.arithmetic.fence` (`exact_floats.fence_stored_values`), so neither TVM's
+simplifier (which folded a quantize's + zp into the next dequantize's - zp) nor LLVM combines
+it with its consumer, and the results are unchanged bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
+from .exact_floats import fence_stored_values
 from .window_schedule import vectorize_rows
 
 WINDOWS = ("qc_im2col", "pad_zp")  # stages that read each input element several times
@@ -56,6 +60,8 @@ def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     top = list(sch.get_child_blocks(sch.get_sblock("root")))
     if len(top) < 2 or not all(_spatial(sch, b) for b in top):
         return None
+    sch = s_tir.Schedule(fence_stored_values(func))  # each inlined float value rounds as written
+    top = list(sch.get_child_blocks(sch.get_sblock("root")))
     stages = [top[-1]]
     for block in top[:-1]:
         if _stays(sch, block):

@@ -204,3 +204,25 @@ def test_host_kernels_round_products_before_sums_as_the_reference():
     assert np.array_equal(outs["fenced"], x * y + z)
     if llvm_cpu_has_features("fma", host):  # the plain build does fuse, so this test can fail
         assert not np.array_equal(outs["plain"], x * y + z)
+
+
+def test_inlined_float_values_round_as_written():
+    """`injective_schedule` inlines elementwise blocks; each float value is fenced first
+    (`fence_stored_values`), so TVM's simplifier cannot fold x + 1.5 - 1.5 into x across the
+    blocks: the kernel equals numpy's float32 ops, one rounding each, bit for bit."""
+    from tvm import te, tirx
+
+    from qcompiler.backends.injective_schedule import schedule_injective
+
+    c = {v: tirx.const(v, "float32") for v in (0.3, 0.7, 1.5, 2.0)}
+    x = te.placeholder((4096,), "float32", "x")
+    a = te.compute((4096,), lambda i: x[i] * c[0.3], name="a")
+    b = te.compute((4096,), lambda i: a[i] / c[0.7] + c[1.5], name="b")
+    y = te.compute((4096,), lambda i: (b[i] - c[1.5]) * c[2.0], name="y")
+    func = schedule_injective(te.create_prim_func([x, y]))
+    assert func.script().count('T.sblock("') == 2  # the root and one block: a and b inlined
+    xs = (np.random.default_rng(0).standard_normal(4096) * 1e-3).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros(4096, np.float32))
+    tvm.tirx.build(func, target=tvm.target.Target({"kind": "llvm"}))(tvm.runtime.tensor(xs), out)
+    f = np.float32
+    assert np.array_equal(out.numpy(), ((xs * f(0.3) / f(0.7) + f(1.5)) - f(1.5)) * f(2.0))
